@@ -1,0 +1,80 @@
+"""LightningDataModule over WebDataset shards of Tarsier-format video-text records."""
+
+from __future__ import annotations
+
+import glob
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import ProcessorMixin
+
+from tarsier_train.data.collate import VideoTextCollator
+from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.stream import VideoTextStream
+from tarsier_train.data.transform import VideoTextTransform
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """A glob, or a list of paths/globs, -> sorted shard paths; an empty match is a clear error."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    shards = sorted({path for pattern in patterns for path in glob.glob(pattern)})
+    if not shards:
+        raise FileNotFoundError(f"no shard matches {patterns}")
+    return shards
+
+
+class VideoShardDataModule(L.LightningDataModule):
+    def __init__(self, processor: ProcessorMixin, train_shards: str | list[str] | None = None,
+                 val_shards: str | list[str] | None = None, batch_size: int = 8, num_workers: int = 1,
+                 num_frames: int = 8, duplicate_frames: bool = True, max_seq_len: int = 16384,
+                 seed: int = 0, shuffle_block: int = 256):
+        super().__init__()
+        self.transform = VideoTextTransform(processor, num_frames, duplicate_frames, max_seq_len)
+        self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.seed, self.shuffle_block = seed, shuffle_block
+        self._resume_batches = 0
+
+    def make_train_sample(self, key: str, record: dict, video: bytes) -> dict[str, Any]:
+        return self.transform(canonical_sample(key, record), video)
+
+    def make_val_sample(self, key: str, record: dict, video: bytes) -> dict[str, Any]:
+        sample = canonical_sample(key, record)
+        events = record.get("extra_info", {}).get("events")
+        return {
+            "train": self.transform(sample, video),
+            "generate": self.transform.generation_inputs(sample, video),
+            "reference_events": [(e["colour"], e["shape"], e["action"]) for e in events] if events else None,
+        }
+
+    def collate_val(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "train": self.collator([s["train"] for s in samples]),
+            "generate": [s["generate"] for s in samples],
+            "reference_events": [s["reference_events"] for s in samples],
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        stream = VideoTextStream(expand_shards(self.train_shards), self.make_train_sample, seed=self.seed,
+                                 shuffle=True, shuffle_block=self.shuffle_block, loop=True, batch_size=self.batch_size)
+        stream.resume_batches = self._resume_batches
+        return self._loader(stream, self.collator)
+
+    def val_dataloader(self) -> DataLoader:
+        stream = VideoTextStream(expand_shards(self.val_shards), self.make_val_sample, shuffle=False, loop=False,
+                                 batch_size=self.batch_size)
+        return self._loader(stream, self.collate_val)
+
+    def _loader(self, stream: VideoTextStream, collate: Any) -> DataLoader:
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Batches the training loop has taken so far; the stream is a pure function of the seed,
+        # so this is the whole loader position.
+        return {"train_batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.total.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_batches = int(state_dict["train_batches_consumed"])

@@ -1,0 +1,55 @@
+"""Lightning glue shared by every recipe: atomic checkpoint files, the final checkpoint, HF export."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tarsier_train.checkpoint.export import export_hf
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary name, fsync, then rename: a crash mid-save leaves the old checkpoints valid."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Every-N-steps checkpoints named step-NNNNNN.ckpt, plus one at the end of training."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 100, keep_last: int = 3):
+        super().__init__(dirpath=dirpath, filename="step-{step:06d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every_n_train_steps, save_top_k=keep_last, monitor="step",
+                         mode="max", save_last=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step
+
+
+class HFExport(L.Callback):
+    """Save the trained model + processor with save_pretrained at the end of fit (global rank 0)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            export_hf(pl_module.model, pl_module.processor, self.output_dir)
+            log.info("exported Hugging Face model to %s", self.output_dir)

@@ -1,0 +1,44 @@
+"""Experiment loggers: W&B (offline unless a key is in the environment, resumable run id) and CSV."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import wandb
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+def wandb_logger(run_dir: str, project: str, name: str, entity: str | None = None) -> WandbLogger:
+    """A W&B logger whose run id lives in the run directory, so a resumed run continues the same W&B run.
+
+    Offline (no network, no prompt) unless WANDB_API_KEY is set or WANDB_MODE says otherwise; the key
+    itself is only ever read from the environment by wandb.
+    """
+    id_file = Path(run_dir) / RUN_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+    offline = "WANDB_API_KEY" not in os.environ and os.environ.get("WANDB_MODE", "offline") == "offline"
+    return WandbLogger(project=project, name=name, entity=entity, id=run_id, resume="allow",
+                       save_dir=run_dir, offline=offline)
+
+
+def logger_location(logger: Logger) -> str:
+    if isinstance(logger, WandbLogger):
+        return str(Path(logger.save_dir) / "wandb")
+    return str(logger.log_dir)
+
+
+def close_loggers(loggers: list[Logger], status: str) -> None:
+    """Flush and close every logger, also after a failed run (W&B otherwise leaves the run open)."""
+    for logger in loggers:
+        logger.finalize(status)
+        if isinstance(logger, WandbLogger):
+            wandb.finish(exit_code=0 if status == "success" else 1)

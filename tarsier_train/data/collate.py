@@ -1,0 +1,26 @@
+"""Pad a list of transformed samples into one right-padded batch."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.data.transform import IGNORE_INDEX
+
+
+class VideoTextCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        input_ids = [s["input_ids"] for s in samples]
+        return {
+            "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=self.pad_token_id),
+            "attention_mask": pad_sequence([torch.ones_like(i) for i in input_ids], batch_first=True),
+            "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
+            "mm_token_type_ids": pad_sequence([s["mm_token_type_ids"] for s in samples], batch_first=True),
+            "pixel_values_videos": torch.cat([s["pixel_values_videos"] for s in samples]),
+            "video_grid_thw": torch.cat([s["video_grid_thw"] for s in samples]),
+            SKIPPED_KEY: torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples)),
+        }

@@ -1,0 +1,71 @@
+"""Model transform: canonical sample + video bytes -> Qwen2-VL inputs with assistant-only labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import ProcessorMixin
+
+from tarsier_train.data.records import VideoTextSample
+from tarsier_train.data.video import decode_video, uniform_frame_indices
+
+IGNORE_INDEX = -100
+
+
+class SampleTooLongError(ValueError):
+    """A sample longer than max_seq_len; skipped and counted instead of cut."""
+
+
+@dataclasses.dataclass
+class VideoTextTransform:
+    processor: ProcessorMixin
+    num_frames: int = 8
+    # Tarsier2: every sampled frame is its own temporal step ([f, f] fills the ViT's temporal patch of 2).
+    duplicate_frames: bool = True
+    max_seq_len: int = 16384
+
+    def sample_frames(self, video_bytes: bytes) -> tuple[np.ndarray, list[int]]:
+        frames = decode_video(video_bytes)
+        indices = uniform_frame_indices(len(frames), self.num_frames)
+        sampled = frames[indices]
+        if self.duplicate_frames:
+            sampled = np.repeat(sampled, 2, axis=0)
+        elif len(sampled) % 2:  # native mode pairs frames; repeat the last to complete the pair
+            sampled = np.concatenate([sampled, sampled[-1:]])
+        return sampled, indices
+
+    def messages(self, sample: VideoTextSample, frames: np.ndarray, with_target: bool) -> list[dict[str, Any]]:
+        user = {"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": sample.prompt}]}
+        if not with_target:
+            return [user]
+        return [user, {"role": "assistant", "content": [{"type": "text", "text": sample.target}]}]
+
+    def _encode(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_tensors="pt",
+            # frames were sampled above: the processor must not resample them
+            processor_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": False}, **kwargs,
+        )
+
+    def __call__(self, sample: VideoTextSample, video_bytes: bytes) -> dict[str, torch.Tensor]:
+        frames, _ = self.sample_frames(video_bytes)
+        encoded = self._encode(self.messages(sample, frames, with_target=True), return_assistant_tokens_mask=True)
+        input_ids = encoded["input_ids"][0]
+        if len(input_ids) > self.max_seq_len:
+            raise SampleTooLongError(f"{sample.key}: {len(input_ids)} tokens > max_seq_len={self.max_seq_len}")
+        labels = torch.where(encoded["assistant_masks"][0].bool(), input_ids, IGNORE_INDEX)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "mm_token_type_ids": encoded["mm_token_type_ids"][0],
+            "pixel_values_videos": encoded["pixel_values_videos"],
+            "video_grid_thw": encoded["video_grid_thw"],
+        }
+
+    def generation_inputs(self, sample: VideoTextSample, video_bytes: bytes) -> dict[str, torch.Tensor]:
+        """The prompt alone (batch of one), ending with the assistant header, ready for `generate`."""
+        frames, _ = self.sample_frames(video_bytes)
+        return dict(self._encode(self.messages(sample, frames, with_target=False), add_generation_prompt=True))

@@ -1,0 +1,65 @@
+"""Exact event precision/recall/F1 for toy-world descriptions (AutoDQ's scoring, with exact matching)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from tarsier_train.toyworld.world import ACTIONS, COLOURS, SHAPES
+
+_EVENT = re.compile(
+    rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(ACTIONS)})\b"
+)
+
+EventKey = tuple[str, str, str]
+
+
+def parse_events(text: str) -> list[EventKey | None]:
+    """One entry per sentence: (colour, shape, action), or None for a sentence that names no event."""
+    sentences = [s for s in re.split(r"[.\n]", re.sub(r"<frame:[^>]*>", " ", text)) if s.strip()]
+    parsed: list[EventKey | None] = []
+    for sentence in sentences:
+        match = _EVENT.search(sentence.lower())
+        parsed.append(match.groups() if match else None)  # type: ignore[arg-type]
+    return parsed
+
+
+@dataclasses.dataclass
+class EventScore:
+    num_matched: int = 0
+    num_predicted: int = 0
+    num_reference: int = 0
+
+    def add(self, other: "EventScore") -> "EventScore":
+        return EventScore(self.num_matched + other.num_matched, self.num_predicted + other.num_predicted,
+                          self.num_reference + other.num_reference)
+
+    @property
+    def precision(self) -> float:
+        return self.num_matched / self.num_predicted if self.num_predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.num_matched / self.num_reference if self.num_reference else 0.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def score_description(prediction: str, reference_events: Sequence[EventKey]) -> EventScore:
+    """Match predicted events to reference events one to one; unparseable sentences count as wrong."""
+    predicted = parse_events(prediction)
+    matched = Counter(e for e in predicted if e is not None) & Counter(map(tuple, reference_events))
+    return EventScore(sum(matched.values()), len(predicted), len(reference_events))
+
+
+def corpus_event_score(pairs: Iterable[tuple[str, Sequence[EventKey]]]) -> EventScore:
+    """Micro-averaged over all clips: every event weighs the same."""
+    total = EventScore()
+    for prediction, reference in pairs:
+        total = total.add(score_description(prediction, reference))
+    return total

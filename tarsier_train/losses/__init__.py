@@ -1,0 +1,3 @@
+from tarsier_train.losses.lm import summed_token_cross_entropy
+
+__all__ = ["summed_token_cross_entropy"]

@@ -1,0 +1,66 @@
+"""tarsier-train entry point: compose -> validate -> seed -> data -> recipe -> trainer -> fit. Wiring only."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from recipes.callbacks import AtomicCheckpointIO
+from recipes.loggers import close_loggers, logger_location
+from tarsier_train.checkpoint import find_latest_checkpoint, resolve_resume
+from tarsier_train.config import redact, validate_config
+from tarsier_train.models import load_model, load_processor
+
+log = logging.getLogger("tarsier_train")
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's resolved config, secrets redacted; export and resume read it back."""
+    container = redact(OmegaConf.to_container(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    validate_config(cfg)
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    save_resolved_config(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    log.info("building model: %s", cfg.model.dir._target_)
+    model_dir = instantiate(cfg.model.dir)
+    processor = load_processor(model_dir)
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    log.info("building data: %s", cfg.data._target_)
+    datamodule = instantiate(cfg.data, processor=processor)
+    log.info("building recipe: %s", cfg.objective._target_)
+    recipe = instantiate(cfg.objective, model=model, processor=processor)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(cfg.logger)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
+                          plugins=[AtomicCheckpointIO()])
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    status = "failed"
+    try:
+        trainer.fit(recipe, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        status = "success"
+    finally:
+        close_loggers(loggers, status)
+    if trainer.is_global_zero:
+        print(f"\nrun directory:  {run_dir}\n"
+              f"checkpoint:     {find_latest_checkpoint(run_dir)}\n"
+              f"HF export:      {cfg.callbacks.hf_export.output_dir}\n"
+              f"logs:           {logger_location(loggers[0])}\n"
+              f"resolved config: {run_dir / 'config.yaml'}")
+
+
+if __name__ == "__main__":
+    main()
