@@ -25,7 +25,8 @@ def wandb_logger(run_dir: str, project: str, name: str, entity: str | None = Non
         run_id = uuid.uuid4().hex[:12]
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
-    offline = "WANDB_API_KEY" not in os.environ and os.environ.get("WANDB_MODE", "offline") == "offline"
+    mode = os.environ.get("WANDB_MODE")
+    offline = mode == "offline" or (mode is None and "WANDB_API_KEY" not in os.environ)
     return WandbLogger(project=project, name=name, entity=entity, id=run_id, resume="allow",
                        save_dir=run_dir, offline=offline)
 

@@ -1,0 +1,61 @@
+"""Shared fixtures: one cache of generated assets per session, and train.py run as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough for seconds per run, large enough for several batches and shards.
+TINY_DATA = ["data.num_train_clips=48", "data.num_val_clips=4", "data.batch_size=4", "data.num_workers=0",
+             "data.shuffle_block=16"]
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_root: Path) -> str:
+    from tarsier_train.models import tiny_qwen2_vl_dir
+
+    return tiny_qwen2_vl_dir(str(cache_root / "models"))
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir: str):
+    from tarsier_train.models import load_processor
+
+    return load_processor(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+def train_env(cache_root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(TARSIER_TRAIN_CACHE=str(cache_root), WANDB_SILENT="true", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_train(args: list[str], cwd: Path, cache_root: Path, check: bool = True,
+              env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in `cwd` (outputs land in cwd/outputs), as a user would run it."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env or train_env(cache_root),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result

@@ -1,0 +1,130 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.stream import SKIPPED_KEY, VideoTextStream
+from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
+from tarsier_train.data.video import VideoDecodeError, decode_video, encode_mp4, uniform_frame_indices
+from tarsier_train.toyworld import ToyWorldSpec, generate_clip, render_frames, toyworld_shards
+from tarsier_train.toyworld.shards import clip_record
+
+SPEC = ToyWorldSpec(num_train_clips=24, num_val_clips=4, clips_per_shard=10, seed=7)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, list[str]]:
+    return toyworld_shards(tmp_path_factory.mktemp("toy"), SPEC)
+
+
+def test_uniform_indices_include_first_and_last():
+    assert uniform_frame_indices(16, 8) == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert uniform_frame_indices(5, 5) == [0, 1, 2, 3, 4]
+    assert uniform_frame_indices(30, 1) == [0]
+
+
+def test_mp4_round_trip_is_real_h264_close_to_the_frames():
+    clip = generate_clip(np.random.default_rng(0))
+    frames = render_frames(clip)
+    data = encode_mp4(frames)
+    assert data[4:8] == b"ftyp"
+    decoded = decode_video(data)
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(int) - frames.astype(int)).mean() < 4
+
+
+def test_corrupt_video_raises_a_decode_error():
+    with pytest.raises(VideoDecodeError):
+        decode_video(b"\x00\x00\x00\x18ftypmp42 not really a video")
+
+
+def test_shard_round_trip_matches_regenerated_clips(shards):
+    assert len(shards["train"]) == 3 and len(shards["val"]) == 1
+    samples = list(wds.WebDataset(shards["train"], shardshuffle=False, nodesplitter=None, workersplitter=None))
+    assert [s["__key__"] for s in samples] == [f"train_{i:07d}" for i in range(24)]
+    rng = np.random.default_rng(SPEC.seed)
+    for index, sample in enumerate(samples):
+        clip = generate_clip(rng, SPEC.num_frames, SPEC.frame_size, SPEC.max_events)
+        assert json.loads(sample["json"]) == clip_record(clip, sample["__key__"], index, SPEC)
+        assert np.abs(decode_video(sample["mp4"]).astype(int) - render_frames(clip).astype(int)).mean() < 4
+
+
+def test_generation_is_cached(shards, tmp_path):
+    root = Path(shards["train"][0]).parent.parent
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")}
+    assert toyworld_shards(root, SPEC) == shards
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")} == before
+
+
+def _first_sample(shards):
+    raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
+    return canonical_sample(raw["__key__"], json.loads(raw["json"])), raw["mp4"]
+
+
+def test_labels_are_exactly_the_assistant_tokens(shards, processor):
+    sample, video = _first_sample(shards)
+    out = VideoTextTransform(processor, num_frames=8, duplicate_frames=True)(sample, video)
+    tokenizer = processor.tokenizer
+    target_ids = tokenizer(sample.target + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    labelled = out["labels"][out["labels"] != IGNORE_INDEX].tolist()
+    assert labelled == target_ids
+    # the labelled tokens sit at the end of the sequence, right after the assistant header
+    assert out["input_ids"][-len(target_ids):].tolist() == target_ids
+    assert (out["labels"][: -len(target_ids)] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("duplicate, num_frames, temporal_steps", [(True, 8, 8), (False, 8, 4), (False, 5, 3)])
+def test_video_tokens_follow_frame_mode(shards, processor, duplicate, num_frames, temporal_steps):
+    sample, video = _first_sample(shards)
+    out = VideoTextTransform(processor, num_frames=num_frames, duplicate_frames=duplicate)(sample, video)
+    t, h, w = out["video_grid_thw"][0].tolist()
+    assert (t, h, w) == (temporal_steps, 8, 8)
+    video_token = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert (out["input_ids"] == video_token).sum() == t * h * w // 4
+    assert (out["mm_token_type_ids"] == 2).sum() == t * h * w // 4
+
+
+def _stream(shards, processor, **kwargs):
+    transform = VideoTextTransform(processor, num_frames=4)
+    return VideoTextStream(shards, lambda k, r, v: {"key": k, **transform(canonical_sample(k, r), v)}, **kwargs)
+
+
+def test_stream_order_is_seeded_and_covers_each_epoch_once(shards, processor):
+    def keys(seed):
+        stream = _stream(shards["train"], processor, seed=seed, shuffle_block=8, loop=True)
+        it = iter(stream)
+        return [next(it)["key"] for _ in range(48)]
+
+    first = keys(0)
+    assert first == keys(0) and first != keys(1)
+    assert sorted(first[:24]) == sorted(first[24:]) == [f"train_{i:07d}" for i in range(24)]
+    assert first[:24] != first[24:]  # a new permutation each epoch
+
+
+def test_stream_resume_continues_exactly(shards, processor):
+    full = iter(_stream(shards["train"], processor, seed=3, shuffle_block=8, batch_size=4))
+    expected = [next(full)["key"] for _ in range(30)]
+    resumed_stream = _stream(shards["train"], processor, seed=3, shuffle_block=8, batch_size=4)
+    resumed_stream.resume_batches = 5
+    resumed = iter(resumed_stream)
+    assert [next(resumed)["key"] for _ in range(10)] == expected[20:30]
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, tmp_path):
+    good = list(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None))
+    bad_shard = tmp_path / "mixed-000000.tar"
+    with wds.TarWriter(str(bad_shard)) as sink:
+        sink.write({"__key__": "good_a", "json": good[0]["json"], "mp4": good[0]["mp4"]})
+        sink.write({"__key__": "truncated", "json": good[1]["json"], "mp4": good[1]["mp4"][: len(good[1]["mp4"]) // 3]})
+        sink.write({"__key__": "bad_json", "json": b"{not json", "mp4": good[2]["mp4"]})
+        sink.write({"__key__": "good_b", "json": good[3]["json"], "mp4": good[3]["mp4"]})
+    broken_tar = tmp_path / "broken-000001.tar"
+    broken_tar.write_bytes(bad_shard.read_bytes()[:1500])  # cut inside the first member
+    stream = _stream([str(bad_shard), str(broken_tar)], processor, shuffle=False, loop=False)
+    out = list(stream)
+    assert [s["key"] for s in out] == ["good_a", "good_b"]
+    assert [s[SKIPPED_KEY] for s in out] == [0, 2]

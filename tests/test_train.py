@@ -1,0 +1,112 @@
+"""The real train.py, end to end, on the tiny model and toy world (CPU)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+from tarsier_train.checkpoint.export import export_checkpoint
+from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.transform import VideoTextTransform
+from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
+
+from conftest import REPO, TINY_DATA, run_train, train_env
+
+pytestmark = pytest.mark.slow
+SHORT = ["recipe=sft", *TINY_DATA, "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+         "callbacks.checkpoint.every_n_train_steps=2"]
+
+
+def _weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    return Qwen2VLForConditionalGeneration.from_pretrained(directory, local_files_only=True).state_dict()
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, cache_root):
+    cwd = tmp_path_factory.mktemp("two_step")
+    result = run_train([*SHORT, "trainer.max_steps=2", "logger=csv"], cwd=cwd, cache_root=cache_root)
+    return cwd / "outputs" / "sft", result
+
+
+def test_run_writes_checkpoint_export_logs_and_prints_them(two_step_run):
+    run_dir, result = two_step_run
+    assert (run_dir / "checkpoints" / "step-000002.ckpt").is_file()
+    assert (run_dir / "hf" / "config.json").is_file()
+    for line in ("checkpoint:", "HF export:", "logs:"):
+        assert line in result.stdout
+    assert str(run_dir / "checkpoints" / "step-000002.ckpt") in result.stdout
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    keys = set(rows[0])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "data/skipped_samples", "val/loss",
+            "val/event_f1", "val/event_precision", "val/event_recall"} <= keys
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses and all(0 < loss < 20 for loss in losses)
+
+
+def test_every_trainable_parameter_changed(two_step_run, tiny_model_dir):
+    run_dir, _ = two_step_run
+    before, after = _weights(tiny_model_dir), _weights(run_dir / "hf")
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert unchanged == []
+
+
+def test_hf_export_reloads_and_generates(two_step_run, cache_root):
+    run_dir, _ = two_step_run
+    model = Qwen2VLForConditionalGeneration.from_pretrained(run_dir / "hf", local_files_only=True)
+    processor = AutoProcessor.from_pretrained(run_dir / "hf", local_files_only=True)
+    shards = toyworld_shards(cache_root / "toyworld", ToyWorldSpec(num_train_clips=48, num_val_clips=4))
+    import webdataset as wds
+    raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
+    sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))
+    inputs = VideoTextTransform(processor, num_frames=8).generation_inputs(sample, raw["mp4"])
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_export_cli_from_checkpoint_matches_final_export(two_step_run, tmp_path, cache_root):
+    run_dir, _ = two_step_run
+    subprocess.run([sys.executable, "-m", "tarsier_train.checkpoint.export",
+                    str(run_dir / "checkpoints" / "step-000002.ckpt"), "--output", str(tmp_path / "hf")],
+                   check=True, env=train_env(cache_root), cwd=REPO)
+    final, exported = _weights(run_dir / "hf"), _weights(tmp_path / "hf")
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+
+
+def test_resume_continues_steps_data_position_and_wandb_run(tmp_path, cache_root):
+    # A key in the environment must never reach disk; WANDB_MODE=offline keeps the test off the network.
+    secret = "wandb-key-that-must-not-leak-0123456789"
+    env = train_env(cache_root, WANDB_API_KEY=secret, WANDB_MODE="offline")
+    run_train([*SHORT, "trainer.max_steps=2"], cwd=tmp_path, cache_root=cache_root, env=env)
+    run_dir = tmp_path / "outputs" / "sft"
+    run_id = (run_dir / "wandb_run_id").read_text()
+
+    again = run_train([*SHORT, "trainer.max_steps=4"], cwd=tmp_path, cache_root=cache_root, env=env, check=False)
+    assert again.returncode != 0 and "resume=auto" in again.stderr
+
+    run_train([*SHORT, "trainer.max_steps=4", "resume=auto"], cwd=tmp_path, cache_root=cache_root, env=env)
+    checkpoint = torch.load(run_dir / "checkpoints" / "step-000004.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    data_state = next(v for k, v in checkpoint.items() if k.endswith("DataModule"))
+    assert data_state == {"train_batches_consumed": 4}
+    assert (run_dir / "wandb_run_id").read_text() == run_id
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_sweep_runs_each_job_in_its_own_directory(tmp_path, cache_root):
+    run_train(["-m", *SHORT, "trainer.max_steps=1", "logger=csv", "optim.lr=1e-3,2e-3"], cwd=tmp_path,
+              cache_root=cache_root)
+    configs = sorted((tmp_path / "outputs" / "sft-sweep").glob("*/config.yaml"))
+    assert len(configs) == 2
+    lrs = sorted(float(next(line for line in c.read_text().splitlines() if line.strip().startswith("lr:")).split(":")[1])
+                 for c in configs)
+    assert lrs == [1e-3, 2e-3]
+    assert all((c.parent / "checkpoints" / "step-000001.ckpt").is_file() for c in configs)
