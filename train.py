@@ -20,10 +20,11 @@ from tarsier_train.models import load_model, load_processor
 log = logging.getLogger("tarsier_train")
 
 
-def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
-    """The run's resolved config, secrets redacted; export and resume read it back."""
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> dict:
+    """The run's resolved config, secrets redacted; export reads it back, loggers record it."""
     container = redact(OmegaConf.to_container(cfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    return container
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -31,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     validate_config(cfg)
     ckpt_path = resolve_resume(cfg.resume, run_dir)
-    save_resolved_config(cfg, run_dir)
+    resolved = save_resolved_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("building model: %s", cfg.model.dir._target_)
@@ -44,6 +45,8 @@ def main(cfg: DictConfig) -> None:
     recipe = instantiate(cfg.objective, model=model, processor=processor)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(cfg.logger)]
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
                           plugins=[AtomicCheckpointIO()])
     if ckpt_path:

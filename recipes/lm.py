@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.optim import decay_groups
@@ -66,7 +67,7 @@ class LMRecipe(L.LightningModule):
         loss_sum, num_tokens = self._loss(batch["train"])
         self.log("val/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
         for prompt, reference in zip(batch["generate"], batch["reference_events"]):
-            text = self.describe(prompt)
+            text = greedy_description(self.model, self.processor, prompt, self.max_new_tokens)
             if reference is not None:
                 self._val_score = self._val_score.add(score_description(text, reference))
             if len(self._val_examples) < self.num_logged_examples:
@@ -83,15 +84,6 @@ class LMRecipe(L.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for example in self._val_examples:
                 log.info("step %d val example: %s", self.global_step, example)
-
-    @torch.no_grad()
-    def describe(self, prompt_inputs: dict[str, torch.Tensor]) -> str:
-        """Greedy description of one video (batch of one, as made by the transform)."""
-        inputs = {k: v.to(self.device) for k, v in prompt_inputs.items()}
-        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     pad_token_id=self.processor.tokenizer.pad_token_id)
-        new_tokens = output[0, inputs["input_ids"].shape[1]:]
-        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(decay_groups(self.model, self.weight_decay))

@@ -48,6 +48,18 @@ def test_run_writes_checkpoint_export_logs_and_prints_them(two_step_run):
     assert losses and all(0 < loss < 20 for loss in losses)
 
 
+def test_losses_reproduce_the_golden_curve(two_step_run):
+    """A refactor that should not change the maths must reproduce these numbers (fixed seeds).
+
+    If a deliberate change moves them, regenerate with the command in the golden file and say why.
+    """
+    run_dir, _ = two_step_run
+    golden = json.loads((Path(__file__).parent / "golden" / "tiny_sft_losses.json").read_text())["train/loss"]
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses == pytest.approx(golden, rel=1e-4)
+
+
 def test_every_trainable_parameter_changed(two_step_run, tiny_model_dir):
     run_dir, _ = two_step_run
     before, after = _weights(tiny_model_dir), _weights(run_dir / "hf")

@@ -1,0 +1,39 @@
+"""Greedy descriptions from a VLM, and their event scores on toy-world shards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import torch
+import webdataset as wds
+from transformers import PreTrainedModel, ProcessorMixin
+
+from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.transform import VideoTextTransform
+from tarsier_train.eval.event_f1 import EventScore, score_description
+
+
+@torch.no_grad()
+def greedy_description(model: PreTrainedModel, processor: ProcessorMixin, prompt_inputs: dict[str, torch.Tensor],
+                       max_new_tokens: int = 48) -> str:
+    """Greedy continuation of one prompt (batch of one, as `VideoTextTransform.generation_inputs` makes it)."""
+    inputs = {k: v.to(model.device) for k, v in prompt_inputs.items()}
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards: Iterable[str],
+                      num_frames: int = 8, duplicate_frames: bool = True, max_new_tokens: int = 48) -> EventScore:
+    """Corpus event score of the model's descriptions of every clip in the shards."""
+    transform = VideoTextTransform(processor, num_frames=num_frames, duplicate_frames=duplicate_frames)
+    total = EventScore()
+    model.eval()
+    for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
+        record = json.loads(raw["json"])
+        sample = canonical_sample(raw["__key__"], record)
+        text = greedy_description(model, processor, transform.generation_inputs(sample, raw["mp4"]), max_new_tokens)
+        reference = [(e["colour"], e["shape"], e["action"]) for e in record["extra_info"]["events"]]
+        total = total.add(score_description(text, reference))
+    return total
