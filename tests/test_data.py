@@ -128,3 +128,20 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
     out = list(stream)
     assert [s["key"] for s in out] == ["good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in out] == [0, 2]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resume_with_workers_continues_exactly(shards, processor, num_workers):
+    from torch.utils.data import DataLoader
+
+    def batches(resume_batches: int, count: int) -> list[list[str]]:
+        stream = _stream(shards["train"], processor, seed=5, shuffle_block=8, batch_size=3)
+        stream.resume_batches = resume_batches
+        loader = DataLoader(stream, batch_size=3, num_workers=num_workers, collate_fn=lambda s: [x["key"] for x in s])
+        it = iter(loader)
+        return [next(it) for _ in range(count)]
+
+    full = batches(0, 7)
+    assert batches(3, 4) == full[3:]
+    seen = [key for batch in full for key in batch]
+    assert len(set(seen[:21])) == 21  # 21 < 24 clips: no repeats within the epoch

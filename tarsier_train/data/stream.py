@@ -30,12 +30,13 @@ SKIPPABLE = (VideoDecodeError, SampleTooLongError, ValueError, KeyError, json.JS
 SKIPPED_KEY = "num_skipped"
 
 
-def consumer_slot() -> tuple[int, int]:
-    """(this consumer's id, number of consumers) over distributed ranks x dataloader workers."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _worker_and_count() -> tuple[int, int]:
     worker = get_worker_info()
-    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-    return rank * num_workers + worker_id, world * num_workers
+    return (worker.id, worker.num_workers) if worker else (0, 1)
 
 
 def _raw_samples(shards: list[str]) -> Iterator[dict[str, Any] | Exception]:
@@ -75,8 +76,16 @@ class VideoTextStream(IterableDataset):
                 block = []
         yield from (block[i] for i in rng.permutation(len(block)))
 
+    def _logical_worker(self) -> tuple[int, int]:
+        """The loader takes batches from workers 0, 1, 2... in turn from its start, resumed or not, so after
+        resuming at batch B physical worker 0 must continue the stream of the worker that owned batch B."""
+        worker, num_workers = _worker_and_count()
+        return (worker + self.resume_batches) % num_workers, num_workers
+
     def _outputs(self) -> Iterator[dict[str, Any]]:
-        consumer, num_consumers = consumer_slot()
+        rank, world = _rank_and_world()
+        worker, num_workers = self._logical_worker()
+        consumer, num_consumers = rank * num_workers + worker, world * num_workers
         skipped, epoch = 0, 0
         while True:
             for index, raw in enumerate(self._epoch_order(epoch)):
@@ -106,7 +115,5 @@ class VideoTextStream(IterableDataset):
 
     def _outputs_to_skip(self) -> int:
         """The loader round-robins whole batches over workers: count this worker's share of them."""
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        my_batches = len(range(worker_id, self.resume_batches, num_workers))
-        return my_batches * self.batch_size
+        worker, num_workers = self._logical_worker()
+        return len(range(worker, self.resume_batches, num_workers)) * self.batch_size

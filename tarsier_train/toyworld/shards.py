@@ -19,6 +19,8 @@ from tarsier_train.toyworld.world import Clip, generate_clip, render_frames
 log = logging.getLogger(__name__)
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1_000_003}
+# Bump when generated clips change for the same spec, so stale caches are not reused.
+GENERATOR_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,4 +105,4 @@ def toyworld_shards(root: str | Path, spec: ToyWorldSpec) -> dict[str, list[str]
 
 
 def _spec_dirname(spec: ToyWorldSpec) -> str:
-    return "toyworld-" + "-".join(f"{v}" for v in dataclasses.astuple(spec))
+    return f"toyworld-v{GENERATOR_VERSION}-" + "-".join(f"{v}" for v in dataclasses.astuple(spec))

@@ -20,6 +20,7 @@ Action = Literal["moves left", "moves right", "moves up", "moves down", "grows",
 
 BACKGROUND = (235, 235, 235)
 GROWTH = 1.6  # size ratio across a grow/shrink event: large enough to see at 28 px per merged token
+MOVE_FRACTION = 0.4  # a move crosses this share of the frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _split_frames(num_frames: int, num_events: int, rng: np.random.Generator) ->
     return spans
 
 
-def _feasible(action: str, x: float, y: float, half: float, length: int, frame_size: int, speed: float,
+def _feasible(action: str, x: float, y: float, half: float, frame_size: int, move_distance: float,
               index: int, num_events: int, min_half: float, max_half: float) -> bool:
     if action == "appears":
         return index == 0
@@ -66,8 +67,7 @@ def _feasible(action: str, x: float, y: float, half: float, length: int, frame_s
     if action == "shrinks":
         return half / GROWTH >= min_half
     dx, dy = MOVES[action]
-    distance = speed * (length - 1)
-    return _inside(x + dx * distance, y + dy * distance, half, frame_size)
+    return _inside(x + dx * move_distance, y + dy * move_distance, half, frame_size)
 
 
 def _inside(x: float, y: float, half: float, frame_size: int) -> bool:
@@ -79,41 +79,41 @@ def generate_clip(rng: np.random.Generator, num_frames: int = 16, frame_size: in
     """Draw one clip: an object, 1..max_events consecutive events, and its exact per-frame track."""
     colour = str(rng.choice(list(COLOURS)))
     shape = str(rng.choice(SHAPES))
-    # Motion large against the 28-px merged token (DESIGN.md: toy world probes).
-    speed = frame_size / 14
-    min_half, max_half = frame_size / 10, frame_size / 4
+    # Every move crosses well over one 28-px merged token, however short its span (DESIGN.md: toy
+    # world probes), and objects are large enough for a tiny ViT to tell the shapes apart.
+    move_distance = frame_size * MOVE_FRACTION
+    min_half, max_half = frame_size / 10, frame_size / 3.5
     while True:
         num_events = int(rng.integers(1, max_events + 1))
         spans = _split_frames(num_frames, num_events, rng)
-        half = float(rng.uniform(min_half * 1.2, max_half / 1.3))
+        half = float(rng.uniform(frame_size / 8, frame_size / 5.5))
         x = float(rng.uniform(half, frame_size - half))
         y = float(rng.uniform(half, frame_size - half))
         track: list[tuple[float, float, float, bool]] = []
         events: list[Event] = []
         for index, (start, end) in enumerate(spans):
             length = end - start + 1
-            options = [a for a in ACTIONS if _feasible(a, x, y, half, length, frame_size, speed, index,
+            options = [a for a in ACTIONS if _feasible(a, x, y, half, frame_size, move_distance, index,
                                                         num_events, min_half, max_half)]
             options = [a for a in options if not events or events[-1].action != a]
             if not options:
                 break
             action = str(rng.choice(options))
             events.append(Event(colour, shape, action, start, end))
-            track.extend(_animate(action, x, y, half, length, speed))
+            track.extend(_animate(action, x, y, half, length, move_distance))
             x, y, half, _ = track[-1]
         if len(events) == num_events:
             return Clip(colour, shape, tuple(events), tuple(track))
 
 
 def _animate(action: str, x: float, y: float, half: float, length: int,
-             speed: float) -> list[tuple[float, float, float, bool]]:
-    steps = np.arange(length, dtype=float)
+             move_distance: float) -> list[tuple[float, float, float, bool]]:
+    ratios = np.linspace(0.0, 1.0, length)
     if action in MOVES:
         dx, dy = MOVES[action]
-        return [(x + dx * speed * t, y + dy * speed * t, half, True) for t in steps]
+        return [(x + dx * move_distance * r, y + dy * move_distance * r, half, True) for r in ratios]
     if action in ("grows", "shrinks"):
         target = half * GROWTH if action == "grows" else half / GROWTH
-        ratios = np.linspace(0.0, 1.0, length)
         return [(x, y, half + (target - half) * r, True) for r in ratios]
     # appears/disappears: absent for the first/second half of the span
     switch = length // 2
