@@ -11,8 +11,9 @@ from transformers import ProcessorMixin
 
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.records import canonical_sample
-from tarsier_train.data.stream import VideoTextStream
+from tarsier_train.data.stream import SKIPPED_KEY, VideoTextStream
 from tarsier_train.data.transform import VideoTextTransform
+from tarsier_train.eval.event_f1 import reference_events
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -42,16 +43,16 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def make_val_sample(self, key: str, record: dict, video: bytes) -> dict[str, Any]:
         sample = canonical_sample(key, record)
-        events = record.get("extra_info", {}).get("events")
+        frames, _ = self.transform.sample_frames(video)
         return {
-            "train": self.transform(sample, video),
-            "generate": self.transform.generation_inputs(sample, video),
-            "reference_events": [(e["colour"], e["shape"], e["action"]) for e in events] if events else None,
+            "train": self.transform.training_inputs(sample, frames),
+            "generate": self.transform.generation_inputs(sample, frames),
+            "reference_events": reference_events(record),
         }
 
     def collate_val(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "train": self.collator([s["train"] for s in samples]),
+        return {  # the skip count rides on the loss batch, as in training
+            "train": self.collator([{**s["train"], SKIPPED_KEY: s.get(SKIPPED_KEY, 0)} for s in samples]),
             "generate": [s["generate"] for s in samples],
             "reference_events": [s["reference_events"] for s in samples],
         }

@@ -66,6 +66,7 @@ class LMRecipe(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss_sum, num_tokens = self._loss(batch["train"])
         self.log("val/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
+        self.log("val/skipped_samples", batch["train"][SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
         for prompt, reference in zip(batch["generate"], batch["reference_events"]):
             text = greedy_description(self.model, self.processor, prompt, self.max_new_tokens)
             if reference is not None:

@@ -51,7 +51,10 @@ class VideoTextTransform:
         )
 
     def __call__(self, sample: VideoTextSample, video_bytes: bytes) -> dict[str, torch.Tensor]:
-        frames, _ = self.sample_frames(video_bytes)
+        return self.training_inputs(sample, self.sample_frames(video_bytes)[0])
+
+    def training_inputs(self, sample: VideoTextSample, frames: np.ndarray) -> dict[str, torch.Tensor]:
+        """Prompt + target, with labels on the assistant tokens only."""
         encoded = self._encode(self.messages(sample, frames, with_target=True), return_assistant_tokens_mask=True)
         input_ids = encoded["input_ids"][0]
         if len(input_ids) > self.max_seq_len:
@@ -65,7 +68,6 @@ class VideoTextTransform:
             "video_grid_thw": encoded["video_grid_thw"],
         }
 
-    def generation_inputs(self, sample: VideoTextSample, video_bytes: bytes) -> dict[str, torch.Tensor]:
+    def generation_inputs(self, sample: VideoTextSample, frames: np.ndarray) -> dict[str, torch.Tensor]:
         """The prompt alone (batch of one), ending with the assistant header, ready for `generate`."""
-        frames, _ = self.sample_frames(video_bytes)
         return dict(self._encode(self.messages(sample, frames, with_target=False), add_generation_prompt=True))

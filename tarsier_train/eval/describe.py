@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.transform import VideoTextTransform
-from tarsier_train.eval.event_f1 import EventScore, score_description
+from tarsier_train.eval.event_f1 import EventScore, reference_events, score_description
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards:
     for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
         record = json.loads(raw["json"])
         sample = canonical_sample(raw["__key__"], record)
-        text = greedy_description(model, processor, transform.generation_inputs(sample, raw["mp4"]), max_new_tokens)
-        reference = [(e["colour"], e["shape"], e["action"]) for e in record["extra_info"]["events"]]
-        total = total.add(score_description(text, reference))
+        prompt = transform.generation_inputs(sample, transform.sample_frames(raw["mp4"])[0])
+        text = greedy_description(model, processor, prompt, max_new_tokens)
+        total = total.add(score_description(text, reference_events(record)))
     return total

@@ -16,6 +16,12 @@ _EVENT = re.compile(
 EventKey = tuple[str, str, str]
 
 
+def reference_events(record: dict) -> list[EventKey] | None:
+    """The exact ground-truth events a toy-world record carries, or None for records without them."""
+    events = record.get("extra_info", {}).get("events")
+    return [(e["colour"], e["shape"], e["action"]) for e in events] if events else None
+
+
 def parse_events(text: str) -> list[EventKey | None]:
     """One entry per sentence: (colour, shape, action), or None for a sentence that names no event."""
     sentences = [s for s in re.split(r"[.\n]", re.sub(r"<frame:[^>]*>", " ", text)) if s.strip()]
