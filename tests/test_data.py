@@ -9,7 +9,7 @@ import webdataset as wds
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.stream import SKIPPED_KEY, VideoTextStream
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
-from tarsier_train.data.video import VideoDecodeError, decode_video, encode_mp4, uniform_frame_indices
+from tarsier_train.data.video import VideoDecodeError, decode_video, encode_mp4
 from tarsier_train.toyworld import ToyWorldSpec, generate_clip, render_frames, toyworld_shards
 from tarsier_train.toyworld.shards import clip_record
 
@@ -19,12 +19,6 @@ SPEC = ToyWorldSpec(num_train_clips=24, num_val_clips=4, clips_per_shard=10, see
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, list[str]]:
     return toyworld_shards(tmp_path_factory.mktemp("toy"), SPEC)
-
-
-def test_uniform_indices_include_first_and_last():
-    assert uniform_frame_indices(16, 8) == [0, 2, 4, 6, 9, 11, 13, 15]
-    assert uniform_frame_indices(5, 5) == [0, 1, 2, 3, 4]
-    assert uniform_frame_indices(30, 1) == [0]
 
 
 def test_mp4_round_trip_is_real_h264_close_to_the_frames():

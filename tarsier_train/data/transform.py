@@ -10,7 +10,8 @@ import torch
 from transformers import ProcessorMixin
 
 from tarsier_train.data.records import VideoTextSample
-from tarsier_train.data.video import decode_video, uniform_frame_indices
+from tarsier_train.data.sampling import uniform_frame_indices
+from tarsier_train.data.video import decode_video
 
 IGNORE_INDEX = -100
 

@@ -1,4 +1,4 @@
-"""Video bytes <-> frames (PyAV) and frame-index sampling."""
+"""Video bytes <-> frames (PyAV)."""
 
 from __future__ import annotations
 
@@ -36,12 +36,3 @@ def decode_video(data: bytes) -> np.ndarray:
     if not frames:
         raise VideoDecodeError(f"video ({len(data)} bytes) has no decodable frames")
     return np.stack(frames)
-
-
-def uniform_frame_indices(num_total: int, num_sampled: int) -> list[int]:
-    """Tarsier v1 sampling: evenly spaced, first and last frame included."""
-    if num_total <= 0:
-        raise ValueError(f"cannot sample from a video with {num_total} frames")
-    if num_sampled == 1:
-        return [0]
-    return [round(i * (num_total - 1) / (num_sampled - 1)) for i in range(num_sampled)]
