@@ -6,12 +6,12 @@ import glob
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import ProcessorMixin
 
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.records import canonical_sample
-from tarsier_train.data.stream import SKIPPED_KEY, VideoTextStream
+from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.eval.event_f1 import reference_events
 
@@ -36,7 +36,8 @@ class VideoShardDataModule(L.LightningDataModule):
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.shuffle_block = seed, shuffle_block
-        self._resume_batches = 0
+        self._resume_state: dict[str, Any] | None = None
+        self._progress: StreamProgress | None = None
 
     def make_train_sample(self, key: str, record: dict, video: bytes) -> dict[str, Any]:
         return self.transform(canonical_sample(key, record), video)
@@ -59,23 +60,25 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = VideoTextStream(expand_shards(self.train_shards), self.make_train_sample, seed=self.seed,
-                                 shuffle=True, shuffle_block=self.shuffle_block, loop=True, batch_size=self.batch_size)
-        stream.resume_batches = self._resume_batches
+                                 shuffle=True, shuffle_block=self.shuffle_block)
+        stream.resume_state = self._resume_state
+        self._progress = StreamProgress(stream, self.trainer.world_size if self.trainer else 1, max(1, self.num_workers))
         return self._loader(stream, self.collator)
 
     def val_dataloader(self) -> DataLoader:
-        stream = VideoTextStream(expand_shards(self.val_shards), self.make_val_sample, shuffle=False, loop=False,
-                                 batch_size=self.batch_size)
-        return self._loader(stream, self.collate_val)
+        return self._loader(EvalStream(expand_shards(self.val_shards), self.make_val_sample), self.collate_val)
 
-    def _loader(self, stream: VideoTextStream, collate: Any) -> DataLoader:
+    def _loader(self, stream: IterableDataset, collate: Any) -> DataLoader:
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
 
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if self.trainer.training:  # the batch is about to be trained on: it counts as consumed
+            self._progress.record(batch.pop(POSITION_KEY))
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
-        # Batches the training loop has taken so far; the stream is a pure function of the seed,
-        # so this is the whole loader position.
-        return {"train_batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.total.processed}
+        return self._progress.state_dict(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_batches = int(state_dict["train_batches_consumed"])
+        self._resume_state = state_dict

@@ -1,13 +1,17 @@
+import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader
 
 from tarsier_train.data.records import canonical_sample
-from tarsier_train.data.stream import SKIPPED_KEY, VideoTextStream
+import tarsier_train.data.stream as stream_module
+from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
 from tarsier_train.data.video import VideoDecodeError, decode_video, encode_mp4
 from tarsier_train.toyworld import ToyWorldSpec, generate_clip, render_frames, toyworld_shards
@@ -87,25 +91,65 @@ def _stream(shards, processor, **kwargs):
     return VideoTextStream(shards, lambda k, r, v: {"key": k, **transform(canonical_sample(k, r), v)}, **kwargs)
 
 
+def _keys(batch):
+    return [s["key"] for s in batch]
+
+
 def test_stream_order_is_seeded_and_covers_each_epoch_once(shards, processor):
     def keys(seed):
-        stream = _stream(shards["train"], processor, seed=seed, shuffle_block=8, loop=True)
-        it = iter(stream)
+        it = iter(_stream(shards["train"], processor, seed=seed, shuffle_block=4))
         return [next(it)["key"] for _ in range(48)]
 
     first = keys(0)
     assert first == keys(0) and first != keys(1)
     assert sorted(first[:24]) == sorted(first[24:]) == [f"train_{i:07d}" for i in range(24)]
-    assert first[:24] != first[24:]  # a new permutation each epoch
+    assert first[:24] != first[24:]  # a new order each epoch
 
 
-def test_stream_resume_continues_exactly(shards, processor):
-    full = iter(_stream(shards["train"], processor, seed=3, shuffle_block=8, batch_size=4))
-    expected = [next(full)["key"] for _ in range(30)]
-    resumed_stream = _stream(shards["train"], processor, seed=3, shuffle_block=8, batch_size=4)
-    resumed_stream.resume_batches = 5
-    resumed = iter(resumed_stream)
-    assert [next(resumed)["key"] for _ in range(10)] == expected[20:30]
+def _run(stream, progress, num_workers, num_batches, batch_size=3):
+    """Batches a loader delivers, recorded as trained on (what the datamodule does before each step)."""
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda s: s)
+    batches = []
+    for batch in itertools.islice(loader, num_batches):
+        progress.record(torch.tensor([s[POSITION_KEY] for s in batch]))
+        batches.append(_keys(batch))
+    return batches
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_the_same_layout_replays_the_uninterrupted_batches(shards, processor, num_workers):
+    workers = max(1, num_workers)
+    stream = _stream(shards["train"], processor, seed=5, shuffle_block=4)
+    full = _run(stream, StreamProgress(stream, 1, workers), num_workers, 9)
+
+    first = _stream(shards["train"], processor, seed=5, shuffle_block=4)
+    progress = StreamProgress(first, 1, workers)
+    assert _run(first, progress, num_workers, 5) == full[:5]
+    resumed = _stream(shards["train"], processor, seed=5, shuffle_block=4)
+    resumed.resume_state = progress.state_dict(batches_per_rank=5)
+    assert _run(resumed, StreamProgress(resumed, 1, workers), num_workers, 4) == full[5:]
+
+
+def test_resume_on_another_layout_repeats_and_skips_nothing(shards, processor, monkeypatch):
+    # Two ranks (simulated) x one worker consume 2 batches each, then 3 ranks take over.
+    progress = None
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(stream_module, "_rank_and_world", lambda rank=rank: (rank, 2))
+        stream = _stream(shards["train"], processor, seed=8, shuffle_block=4)
+        progress = progress or StreamProgress(stream, 2, 1)
+        seen += [k for batch in _run(stream, progress, 0, 2) for k in batch]
+    state = progress.state_dict(batches_per_rank=2)
+    for rank in range(3):
+        monkeypatch.setattr(stream_module, "_rank_and_world", lambda rank=rank: (rank, 3))
+        stream = _stream(shards["train"], processor, seed=8, shuffle_block=4)
+        stream.resume_state = state
+        schedule, _, _ = stream.resumed_schedule(3, 1)
+        leftover = sum(len(r) for r in schedule.segment[rank])
+        seen += [s["key"] for s in itertools.islice(iter(stream), leftover)]
+    # every epoch that was started is read to its end, each sample exactly once per epoch
+    num_epochs = schedule.first_epoch
+    assert num_epochs >= 1 and Counter(seen) == {f"train_{i:07d}": num_epochs for i in range(24)}
 
 
 def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, tmp_path):
@@ -118,24 +162,14 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
         sink.write({"__key__": "good_b", "json": good[3]["json"], "mp4": good[3]["mp4"]})
     broken_tar = tmp_path / "broken-000001.tar"
     broken_tar.write_bytes(bad_shard.read_bytes()[:1500])  # cut inside the first member
-    stream = _stream([str(bad_shard), str(broken_tar)], processor, shuffle=False, loop=False)
-    out = list(stream)
+    transform = VideoTextTransform(processor, num_frames=4)
+    make = lambda k, r, v: {"key": k, **transform(canonical_sample(k, r), v)}  # noqa: E731
+    out = list(EvalStream([str(bad_shard), str(broken_tar)], make))
     assert [s["key"] for s in out] == ["good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in out] == [0, 2]
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_resume_with_workers_continues_exactly(shards, processor, num_workers):
-    from torch.utils.data import DataLoader
-
-    def batches(resume_batches: int, count: int) -> list[list[str]]:
-        stream = _stream(shards["train"], processor, seed=5, shuffle_block=8, batch_size=3)
-        stream.resume_batches = resume_batches
-        loader = DataLoader(stream, batch_size=3, num_workers=num_workers, collate_fn=lambda s: [x["key"] for x in s])
-        it = iter(loader)
-        return [next(it) for _ in range(count)]
-
-    full = batches(0, 7)
-    assert batches(3, 4) == full[3:]
-    seen = [key for batch in full for key in batch]
-    assert len(set(seen[:21])) == 21  # 21 < 24 clips: no repeats within the epoch
+    # the training stream skips them too, in its own order, and never stalls
+    stream = VideoTextStream([str(bad_shard)], make, shuffle=False)
+    assert stream.shard_sizes == [4]
+    train = list(itertools.islice(iter(stream), 4))
+    assert [s["key"] for s in train] == ["good_a", "good_b", "good_a", "good_b"]
+    assert [s[SKIPPED_KEY] for s in train] == [0, 2, 0, 2]

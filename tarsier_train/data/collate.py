@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
 from tarsier_train.data.transform import IGNORE_INDEX
 
 
@@ -15,7 +15,7 @@ class VideoTextCollator:
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         input_ids = [s["input_ids"] for s in samples]
-        return {
+        batch = {
             "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=self.pad_token_id),
             "attention_mask": pad_sequence([torch.ones_like(i) for i in input_ids], batch_first=True),
             "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
@@ -24,3 +24,6 @@ class VideoTextCollator:
             "video_grid_thw": torch.cat([s["video_grid_thw"] for s in samples]),
             SKIPPED_KEY: torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples)),
         }
+        if POSITION_KEY in samples[0]:
+            batch[POSITION_KEY] = torch.tensor([s[POSITION_KEY] for s in samples])
+        return batch

@@ -31,7 +31,7 @@ class ToyWorldSpec:
     frame_size: int = 112
     max_events: int = 3
     fps: int = 8
-    clips_per_shard: int = 500
+    clips_per_shard: int = 100
     seed: int = 0
 
 

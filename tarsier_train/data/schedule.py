@@ -1,0 +1,123 @@
+"""Which shard ranges each data consumer reads: deterministic, resumable, and elastic.
+
+A consumer is one dataloader worker of one rank (num_consumers = ranks x workers). In every epoch
+the shards are put in a seeded order and shard k goes to consumer k % num_consumers, which reads it
+whole, in a seeded within-shard order. Every sample therefore has one place in exactly one
+consumer's sequence, and a consumer's progress is one number: how many items of its sequence were
+consumed. Resuming with the same ranks and workers continues every sequence where it stopped (the
+batches are those of an uninterrupted run); with another layout, what is left of the epochs already
+started is cut into shard ranges and dealt out to the new consumers (a "segment"), so no sample is
+repeated or skipped. Only shard sample counts are needed, never the data, so a resume costs the same
+wherever in the epoch it happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+# First word of every seed, one per use: numpy's SeedSequence treats trailing zero words as absent, so
+# untagged [seed, epoch] and [seed, epoch, 0, 0] would draw the same numbers.
+_SHARD_ORDER, _WITHIN_SHARD = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRange:
+    """Positions [start, end) of one shard's within-shard order, in one epoch."""
+
+    epoch: int
+    shard: int
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclasses.dataclass
+class Schedule:
+    shard_sizes: list[int]
+    num_consumers: int
+    seed: int = 0
+    shuffle: bool = True
+    # Ranges dealt out at an elastic resume, read before the regular epochs; one list per consumer.
+    segment: list[list[ShardRange]] = dataclasses.field(default_factory=list)
+    first_epoch: int = 0  # the first regular epoch (after the segment)
+
+    def __post_init__(self) -> None:
+        nonempty = sum(1 for size in self.shard_sizes if size > 0)
+        if nonempty < self.num_consumers:
+            raise ValueError(
+                f"{nonempty} non-empty shards cannot feed {self.num_consumers} data consumers (ranks x workers): "
+                "lower data.num_workers or write more, smaller shards"
+            )
+
+    def shard_order(self, epoch: int) -> list[int]:
+        order = np.arange(len(self.shard_sizes))
+        if self.shuffle:
+            order = np.random.default_rng([_SHARD_ORDER, self.seed, epoch]).permutation(order)
+        return [int(k) for k in order if self.shard_sizes[k] > 0]
+
+    def sequence(self, consumer: int) -> Iterator[ShardRange]:
+        """Everything consumer reads, in order, forever."""
+        if self.segment:
+            yield from self.segment[consumer]
+        for epoch in itertools.count(self.first_epoch):
+            for position, shard in enumerate(self.shard_order(epoch)):
+                if position % self.num_consumers == consumer:
+                    yield ShardRange(epoch, shard, 0, self.shard_sizes[shard])
+
+    def remaining(self, consumer: int, num_consumed: int) -> Iterator[ShardRange]:
+        """consumer's sequence after its first num_consumed items (arithmetic on ranges, no data read)."""
+        for shard_range in self.sequence(consumer):
+            if num_consumed >= len(shard_range):
+                num_consumed -= len(shard_range)
+                continue
+            yield ShardRange(shard_range.epoch, shard_range.shard, shard_range.start + num_consumed, shard_range.end)
+            num_consumed = 0
+
+    def continued_by(self, num_consumed: list[int], num_consumers: int) -> "Schedule":
+        """A schedule for num_consumers new consumers that reads exactly what this one has not yet read.
+
+        What is left of the epochs already started becomes the segment, dealt out range by range;
+        the regular epochs follow.
+        """
+        last_started_epoch = max(next(self.remaining(c, n)).epoch for c, n in enumerate(num_consumed))
+        leftovers = []
+        for consumer, count in enumerate(num_consumed):
+            for shard_range in self.remaining(consumer, count):
+                if shard_range.epoch > last_started_epoch:
+                    break
+                leftovers.append(shard_range)
+        leftovers.sort(key=lambda r: (r.epoch, self.shard_order(r.epoch).index(r.shard), r.start))
+        segment = [leftovers[c::num_consumers] for c in range(num_consumers)]
+        return Schedule(self.shard_sizes, num_consumers, self.seed, self.shuffle, segment, last_started_epoch + 1)
+
+    def within_shard_order(self, epoch: int, shard: int, block: int) -> list[int]:
+        """Raw sample offsets of a shard in reading order: a seeded permutation inside each block."""
+        size = self.shard_sizes[shard]
+        if not self.shuffle:
+            return list(range(size))
+        order = []
+        for start in range(0, size, block):
+            length = min(block, size - start)
+            rng = np.random.default_rng([_WITHIN_SHARD, self.seed, epoch, shard, start])
+            order += [start + int(i) for i in rng.permutation(length)]
+        return order
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "shard_sizes": list(self.shard_sizes), "num_consumers": self.num_consumers, "seed": self.seed,
+            "shuffle": self.shuffle, "first_epoch": self.first_epoch,
+            "segment": [[dataclasses.astuple(r) for r in ranges] for ranges in self.segment],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Schedule":
+        segment = [[ShardRange(*r) for r in ranges] for ranges in state["segment"]]
+        return cls(list(state["shard_sizes"]), state["num_consumers"], state["seed"], state["shuffle"], segment,
+                   state["first_epoch"])
