@@ -29,9 +29,11 @@ class VideoShardDataModule(L.LightningDataModule):
     def __init__(self, processor: ProcessorMixin, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, batch_size: int = 8, num_workers: int = 1,
                  num_frames: int = 8, duplicate_frames: bool = True, max_seq_len: int = 16384,
+                 min_pixels: int | None = None, max_pixels: int | None = None, total_pixels: int | None = None,
                  seed: int = 0, shuffle_block: int = 256):
         super().__init__()
-        self.transform = VideoTextTransform(processor, num_frames, duplicate_frames, max_seq_len)
+        self.transform = VideoTextTransform(processor, num_frames, duplicate_frames, max_seq_len,
+                                            min_pixels, max_pixels, total_pixels)
         self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers = batch_size, num_workers

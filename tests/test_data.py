@@ -173,3 +173,15 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
     train = list(itertools.islice(iter(stream), 4))
     assert [s["key"] for s in train] == ["good_a", "good_b", "good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in train] == [0, 2, 0, 2]
+
+
+@pytest.mark.parametrize("budget, expected_hw", [(None, (8, 8)), (16 * 56 * 56, (4, 4)), (16 * 84 * 84, (6, 6)), (1, (4, 4))])
+def test_per_sample_pixel_budget_is_shared_by_all_frames(shards, processor, budget, expected_hw):
+    sample, video = _first_sample(shards)
+    transform = VideoTextTransform(processor, num_frames=8, duplicate_frames=True, total_pixels=budget)
+    frames, _ = transform.sample_frames(video)
+    assert len(frames) == 16  # 8 sampled frames, each duplicated
+    t, h, w = transform.training_inputs(sample, frames)["video_grid_thw"][0].tolist()
+    assert (t, h, w) == (8, *expected_hw)  # a budget of 1 px still keeps the processor's minimum (56 x 56)
+    if budget and budget > 1:
+        assert len(frames) * h * w * 14 * 14 <= budget

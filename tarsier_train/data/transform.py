@@ -27,6 +27,20 @@ class VideoTextTransform:
     # Tarsier2: every sampled frame is its own temporal step ([f, f] fills the ViT's temporal patch of 2).
     duplicate_frames: bool = True
     max_seq_len: int = 16384
+    # Per-frame pixel bounds, and a per-sample budget shared by every frame the ViT sees (duplicates
+    # included); None keeps the processor's own bounds. Tarsier2: 460,800 per frame, 128 x 384 x 384 in all.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    total_pixels: int | None = None
+
+    def frame_pixel_bounds(self, num_frames: int) -> dict[str, int]:
+        """The processor's `size` for a clip of num_frames frames; the lower bound wins over the budget."""
+        size = self.processor.video_processor.size
+        lower = self.min_pixels or size["shortest_edge"]
+        upper = self.max_pixels or size["longest_edge"]
+        if self.total_pixels:
+            upper = min(upper, self.total_pixels // num_frames)
+        return {"shortest_edge": lower, "longest_edge": max(lower, upper)}
 
     def sample_frames(self, video_bytes: bytes) -> tuple[np.ndarray, list[int]]:
         frames = decode_video(video_bytes)
@@ -45,10 +59,12 @@ class VideoTextTransform:
         return [user, {"role": "assistant", "content": [{"type": "text", "text": sample.target}]}]
 
     def _encode(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, torch.Tensor]:
+        frames = messages[0]["content"][0]["video"]
         return self.processor.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_tensors="pt",
-            # frames were sampled above: the processor must not resample them
-            processor_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": False}, **kwargs,
+            # frames were sampled above: the processor must not resample them; our budget replaces its cap
+            processor_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": False,
+                              "size": self.frame_pixel_bounds(len(frames))}, **kwargs,
         )
 
     def __call__(self, sample: VideoTextSample, video_bytes: bytes) -> dict[str, torch.Tensor]:
