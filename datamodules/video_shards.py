@@ -6,11 +6,13 @@ import glob
 from typing import Any
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import ProcessorMixin
 
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.sampling import FrameSampler, SamplingMode
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.eval.event_f1 import reference_events
@@ -28,11 +30,14 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 class VideoShardDataModule(L.LightningDataModule):
     def __init__(self, processor: ProcessorMixin, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, batch_size: int = 8, num_workers: int = 1,
-                 num_frames: int = 8, duplicate_frames: bool = True, max_seq_len: int = 16384,
+                 num_frames: int | list[int] = 8, frame_sampling: SamplingMode = "uniform", target_fps: float = 2.0,
+                 max_n_frames: int = 128, duplicate_frames: bool = True, max_seq_len: int = 16384,
                  min_pixels: int | None = None, max_pixels: int | None = None, total_pixels: int | None = None,
                  seed: int = 0, shuffle_block: int = 256):
         super().__init__()
-        self.transform = VideoTextTransform(processor, num_frames, duplicate_frames, max_seq_len,
+        sampler = FrameSampler(frame_sampling, num_frames if isinstance(num_frames, int) else tuple(num_frames),
+                               target_fps, max_n_frames)
+        self.transform = VideoTextTransform(processor, sampler, duplicate_frames, max_seq_len,
                                             min_pixels, max_pixels, total_pixels)
         self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -41,12 +46,12 @@ class VideoShardDataModule(L.LightningDataModule):
         self._resume_state: dict[str, Any] | None = None
         self._progress: StreamProgress | None = None
 
-    def make_train_sample(self, key: str, record: dict, video: bytes) -> dict[str, Any]:
-        return self.transform(canonical_sample(key, record), video)
+    def make_train_sample(self, key: str, record: dict, video: bytes, rng: np.random.Generator | None) -> dict[str, Any]:
+        return self.transform(canonical_sample(key, record), video, rng)
 
-    def make_val_sample(self, key: str, record: dict, video: bytes) -> dict[str, Any]:
+    def make_val_sample(self, key: str, record: dict, video: bytes, rng: np.random.Generator | None) -> dict[str, Any]:
         sample = canonical_sample(key, record)
-        frames, _ = self.transform.sample_frames(video)
+        frames, _ = self.transform.sample_frames(sample, video, rng)
         return {
             "train": self.transform.training_inputs(sample, frames),
             "generate": self.transform.generation_inputs(sample, frames),

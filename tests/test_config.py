@@ -83,3 +83,8 @@ def test_bad_command_lines_fail_before_compute(args, expected, tmp_path, cache_r
         assert word in output, output[-3000:]
     assert "building model" not in output  # nothing was built
     assert not (tmp_path / "outputs" / "sft" / "checkpoints").exists()
+
+
+def test_choice_values_are_checked_against_their_literals():
+    with pytest.raises(ConfigError, match=r"data\.frame_sampling='random': allowed values are uniform, segment, fps"):
+        validate_config(_compose(["recipe=sft", "data.frame_sampling=random"]))

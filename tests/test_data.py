@@ -10,6 +10,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.sampling import FrameSampler
 import tarsier_train.data.stream as stream_module
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
@@ -65,7 +66,7 @@ def _first_sample(shards):
 
 def test_labels_are_exactly_the_assistant_tokens(shards, processor):
     sample, video = _first_sample(shards)
-    out = VideoTextTransform(processor, num_frames=8, duplicate_frames=True)(sample, video)
+    out = VideoTextTransform(processor, FrameSampler(num_frames=8), duplicate_frames=True)(sample, video)
     tokenizer = processor.tokenizer
     target_ids = tokenizer(sample.target + "<|im_end|>", add_special_tokens=False)["input_ids"]
     labelled = out["labels"][out["labels"] != IGNORE_INDEX].tolist()
@@ -78,7 +79,7 @@ def test_labels_are_exactly_the_assistant_tokens(shards, processor):
 @pytest.mark.parametrize("duplicate, num_frames, temporal_steps", [(True, 8, 8), (False, 8, 4), (False, 5, 3)])
 def test_video_tokens_follow_frame_mode(shards, processor, duplicate, num_frames, temporal_steps):
     sample, video = _first_sample(shards)
-    out = VideoTextTransform(processor, num_frames=num_frames, duplicate_frames=duplicate)(sample, video)
+    out = VideoTextTransform(processor, FrameSampler(num_frames=num_frames), duplicate_frames=duplicate)(sample, video)
     t, h, w = out["video_grid_thw"][0].tolist()
     assert (t, h, w) == (temporal_steps, 8, 8)
     video_token = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
@@ -87,8 +88,8 @@ def test_video_tokens_follow_frame_mode(shards, processor, duplicate, num_frames
 
 
 def _stream(shards, processor, **kwargs):
-    transform = VideoTextTransform(processor, num_frames=4)
-    return VideoTextStream(shards, lambda k, r, v: {"key": k, **transform(canonical_sample(k, r), v)}, **kwargs)
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
+    return VideoTextStream(shards, lambda k, r, v, g: {"key": k, **transform(canonical_sample(k, r), v, g)}, **kwargs)
 
 
 def _keys(batch):
@@ -162,8 +163,8 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
         sink.write({"__key__": "good_b", "json": good[3]["json"], "mp4": good[3]["mp4"]})
     broken_tar = tmp_path / "broken-000001.tar"
     broken_tar.write_bytes(bad_shard.read_bytes()[:1500])  # cut inside the first member
-    transform = VideoTextTransform(processor, num_frames=4)
-    make = lambda k, r, v: {"key": k, **transform(canonical_sample(k, r), v)}  # noqa: E731
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
+    make = lambda k, r, v, g: {"key": k, **transform(canonical_sample(k, r), v, g)}  # noqa: E731
     out = list(EvalStream([str(bad_shard), str(broken_tar)], make))
     assert [s["key"] for s in out] == ["good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in out] == [0, 2]
@@ -178,8 +179,8 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
 @pytest.mark.parametrize("budget, expected_hw", [(None, (8, 8)), (16 * 56 * 56, (4, 4)), (16 * 84 * 84, (6, 6)), (1, (4, 4))])
 def test_per_sample_pixel_budget_is_shared_by_all_frames(shards, processor, budget, expected_hw):
     sample, video = _first_sample(shards)
-    transform = VideoTextTransform(processor, num_frames=8, duplicate_frames=True, total_pixels=budget)
-    frames, _ = transform.sample_frames(video)
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=8), duplicate_frames=True, total_pixels=budget)
+    frames, _ = transform.sample_frames(sample, video)
     assert len(frames) == 16  # 8 sampled frames, each duplicated
     t, h, w = transform.training_inputs(sample, frames)["video_grid_thw"][0].tolist()
     assert (t, h, w) == (8, *expected_hw)  # a budget of 1 px still keeps the processor's minimum (56 x 56)

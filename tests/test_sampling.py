@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tarsier_train.data.sampling import (
+    FrameSampler,
     FrameWindow,
     fps_frame_indices,
     record_frame_window,
@@ -54,3 +55,24 @@ def test_bad_record_windows_are_clear_errors():
         record_frame_window({"frame_indices": [5, 100]}, 100, 25.0)
     with pytest.raises(ValueError, match="selects no frames"):
         record_frame_window({"start_frame": 50, "end_frame": 10}, 100, 25.0)
+
+
+def test_frame_sampler_follows_the_record_window_and_mode():
+    uniform = FrameSampler("uniform", num_frames=4)
+    assert uniform.indices({"start_frame": 10, "end_frame": 19}, 100, 25.0, rng=None) == [10, 13, 16, 19]
+    assert uniform.indices({"frame_indices": [7, 3]}, 100, 25.0, rng=None) == [7, 3]  # explicit: as given
+    segment = FrameSampler("segment", num_frames=4)
+    assert segment.indices({}, 40, 25.0, rng=None) == [4, 14, 24, 34]
+    draws = {tuple(segment.indices({}, 40, 25.0, np.random.default_rng(i))) for i in range(20)}
+    assert len(draws) > 10
+    fps = FrameSampler("fps", target_fps=1.0, max_n_frames=64)
+    assert len(fps.indices({"start_time": 2.0, "end_time": 6.0}, 250, 25.0, rng=None)) == 4
+
+
+def test_frame_count_lists_draw_in_training_and_take_the_largest_in_eval():
+    sampler = FrameSampler("uniform", num_frames=(4, 8, 16))
+    counts = {len(sampler.indices({}, 64, 25.0, np.random.default_rng(i))) for i in range(30)}
+    assert counts == {4, 8, 16}
+    assert len(sampler.indices({}, 64, 25.0, rng=None)) == 16
+    with pytest.raises(ValueError, match="allowed values are uniform, segment, fps"):
+        FrameSampler("random")

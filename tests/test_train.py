@@ -12,6 +12,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from tarsier_train.checkpoint.export import export_checkpoint
 from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
@@ -76,8 +77,8 @@ def test_hf_export_reloads_and_generates(two_step_run, cache_root):
     import webdataset as wds
     raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
     sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))
-    transform = VideoTextTransform(processor, num_frames=8)
-    inputs = transform.generation_inputs(sample, transform.sample_frames(raw["mp4"])[0])
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=8))
+    inputs = transform.generation_inputs(sample, transform.sample_frames(sample, raw["mp4"])[0])
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from typing import Any
 
 from hydra.utils import get_object
@@ -61,30 +62,54 @@ def _check_targets(node: Any, path: str) -> list[str]:
 def _check_call(node: dict, path: str) -> list[str]:
     target = node["_target_"]
     try:
-        accepted, takes_any = _accepted_arguments(get_object(target))
+        functions = _init_chain(get_object(target))
     except Exception as error:  # noqa: BLE001 - any import failure is the user's bad _target_
         return [f"{path}._target_={target!r} cannot be imported: {error}"]
-    if takes_any:
-        return []
-    given = set(node) - HYDRA_KEYS
-    unknown = sorted(given - accepted)
-    if not unknown:
-        return []
+    problems = _check_choices(node, path, functions)
+    parameters = [p for f in functions for p in inspect.signature(f).parameters.values()]
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(functions[-1]).parameters.values()):
+        return problems  # the chain ends in **kwargs: any key may be meant for it
+    accepted = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+    unknown = sorted(set(node) - HYDRA_KEYS - accepted)
     allowed = ", ".join(sorted(accepted - RUNTIME_ARGUMENTS.get(path, set())))
-    return [f"{path}.{key}: not an argument of {target} (allowed: {allowed})" for key in unknown]
+    return problems + [f"{path}.{key}: not an argument of {target} (allowed: {allowed})" for key in unknown]
 
 
-def _accepted_arguments(obj: Any) -> tuple[set[str], bool]:
-    """Parameter names of a callable; for a class whose __init__ forwards **kwargs, its bases' too."""
-    classes = inspect.getmro(obj) if inspect.isclass(obj) else ()
-    functions = [c.__init__ for c in classes if "__init__" in vars(c)] if classes else [obj]
-    accepted: set[str] = set()
-    for function in functions:
-        parameters = inspect.signature(function).parameters.values()
-        accepted |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return accepted, False
-    return accepted, True
+def _init_chain(obj: Any) -> list[Any]:
+    """The callables whose parameters a config node may set: a function, or a class's __init__ and,
+    while an __init__ forwards **kwargs, its bases' __init__s."""
+    if not inspect.isclass(obj):
+        return [obj]
+    chain = []
+    for cls in inspect.getmro(obj):
+        if "__init__" in vars(cls):
+            chain.append(cls.__init__)
+            parameters = inspect.signature(cls.__init__).parameters.values()
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                break
+    return chain
+
+
+def _check_choices(node: dict, path: str, functions: list[Any]) -> list[str]:
+    """Values given for Literal-typed parameters must be among the literals."""
+    hints: dict[str, Any] = {}
+    for function in reversed(functions):
+        try:
+            hints.update(typing.get_type_hints(function))
+        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
+            continue
+    problems = []
+    for key, value in node.items():
+        choices = _literal_choices(hints.get(key))
+        if choices and isinstance(value, str) and "${" not in value and value not in choices:
+            problems.append(f"{path}.{key}={value!r}: allowed values are {', '.join(map(str, choices))}")
+    return problems
+
+
+def _literal_choices(annotation: Any) -> tuple:
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return tuple(c for arg in typing.get_args(annotation) for c in _literal_choices(arg))
 
 
 def redact(container: Any) -> Any:

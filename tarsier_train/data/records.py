@@ -11,7 +11,7 @@ class VideoTextSample:
     key: str
     prompt: str
     target: str
-    video_file: str
+    video: dict[str, Any]  # the record's video item: video_file plus optional frame/time selection
     record: dict[str, Any]
 
 
@@ -26,4 +26,4 @@ def canonical_sample(key: str, record: dict[str, Any]) -> VideoTextSample:
         raise ValueError(f"{key}: expected one video item in the user turn, found {len(videos)}")
     prompt = " ".join(item["text"] for item in user["content"] if item.get("type") == "text")
     target = " ".join(item["text"] for item in assistant["content"] if item.get("type") == "text")
-    return VideoTextSample(key, prompt, target, videos[0]["video_file"], record)
+    return VideoTextSample(key, prompt, target, videos[0], record)

@@ -75,3 +75,37 @@ def _checked(indices: list[int], num_total: int) -> list[int]:
     if bad:
         raise ValueError(f"frame indices {bad[:5]} outside a video of {num_total} frames")
     return [int(i) for i in indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameSampler:
+    """Frame indices for one video item: explicit ones from the record, else `mode` inside its window."""
+
+    mode: SamplingMode = "uniform"
+    num_frames: int | tuple[int, ...] = 8  # a tuple: one drawn per sample in training, the largest in evaluation
+    target_fps: float = 2.0  # mode="fps"
+    max_n_frames: int = 128  # mode="fps"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("uniform", "segment", "fps"):
+            raise ValueError(f"frame sampling mode {self.mode!r}: allowed values are uniform, segment, fps")
+
+    def indices(self, video_item: dict[str, Any], num_total: int, video_fps: float,
+                rng: np.random.Generator | None) -> list[int]:
+        """rng is the sample's own generator in training, None in evaluation (deterministic choices)."""
+        window = record_frame_window(video_item, num_total, video_fps)
+        if window.explicit is not None:
+            return list(window.explicit)
+        length = window.end - window.start
+        if self.mode == "fps":
+            local = fps_frame_indices(length, video_fps, self.target_fps, self.max_n_frames)
+        elif self.mode == "segment":
+            local = segment_frame_indices(length, self._count(rng), rng)
+        else:
+            local = uniform_frame_indices(length, self._count(rng))
+        return [window.start + i for i in local]
+
+    def _count(self, rng: np.random.Generator | None) -> int:
+        if isinstance(self.num_frames, int):
+            return self.num_frames
+        return int(rng.choice(self.num_frames)) if rng is not None else max(self.num_frames)

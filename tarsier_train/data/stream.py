@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset as wds
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 # What a sample can fail with and still leave the run going: counted, logged, skipped.
 SKIPPABLE = (VideoDecodeError, SampleTooLongError, ValueError, KeyError, json.JSONDecodeError)
 SKIPPED_KEY = "num_skipped"
+# (key, record, video bytes, the sample's random generator in training / None in evaluation) -> sample
+MakeSample = Callable[[str, dict, bytes, "np.random.Generator | None"], dict[str, Any]]
+_SAMPLE_RNG = 3  # seed tag (see schedule.py): per-sample randomness, e.g. which frames a segment gives
 # (consumer, items of its sequence consumed once this sample is) -> the loader position in checkpoints
 POSITION_KEY = "stream_position"
 
@@ -46,13 +51,13 @@ def _raw_samples(shards: list[str]) -> Iterator[dict[str, Any] | Exception]:
             yield RuntimeError(f"shard {shard} is unreadable after this point: {error}")
 
 
-def _transformed(make_sample: Callable[[str, dict, bytes], dict[str, Any]], key: str,
-                 raw: dict[str, Any] | Exception) -> dict[str, Any] | None:
+def _transformed(make_sample: MakeSample, key: str, raw: dict[str, Any] | Exception,
+                 rng: np.random.Generator | None) -> dict[str, Any] | None:
     """The transformed sample, or None (logged with its key and reason) when it cannot be used."""
     try:
         if isinstance(raw, Exception):
             raise raw
-        return make_sample(key, json.loads(raw["json"]), raw["mp4"])
+        return make_sample(key, json.loads(raw["json"]), raw["mp4"], rng)
     except (*SKIPPABLE, RuntimeError) as error:
         log.warning("skipping sample %s: %s", key, error)
         return None
@@ -75,7 +80,7 @@ def count_samples(shard: str) -> int:
 class VideoTextStream(IterableDataset):
     """Endless training stream over shards, in the order a `Schedule` gives; resumable from `resume_state`."""
 
-    def __init__(self, shards: list[str], make_sample: Callable[[str, dict, bytes], dict[str, Any]],
+    def __init__(self, shards: list[str], make_sample: MakeSample,
                  seed: int = 0, shuffle: bool = True, shuffle_block: int = 256):
         if not shards:
             raise FileNotFoundError("no shards given to the stream")
@@ -106,7 +111,9 @@ class VideoTextStream(IterableDataset):
         for shard_range in schedule.remaining(consumer, consumed[consumer]):
             for key, raw in self._read(schedule, shard_range):
                 position += 1
-                sample = _transformed(self.make_sample, key, raw)
+                # Seeded by epoch and key: a resumed or re-dealt sample sees the same frames it would have.
+                rng = np.random.default_rng([_SAMPLE_RNG, self.seed, shard_range.epoch, zlib.crc32(key.encode())])
+                sample = _transformed(self.make_sample, key, raw, rng)
                 if sample is None:
                     skipped += 1
                     continue
@@ -138,7 +145,7 @@ class VideoTextStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Every sample of the shards once, in order; sample i goes to consumer i % (ranks x workers)."""
 
-    def __init__(self, shards: list[str], make_sample: Callable[[str, dict, bytes], dict[str, Any]]):
+    def __init__(self, shards: list[str], make_sample: MakeSample):
         if not shards:
             raise FileNotFoundError("no shards given to the stream")
         self.shards, self.make_sample = list(shards), make_sample
@@ -152,7 +159,7 @@ class EvalStream(IterableDataset):
             if index % num_consumers != consumer:
                 continue
             key = raw["__key__"] if isinstance(raw, dict) else f"sample {index}"
-            sample = _transformed(self.make_sample, key, raw)
+            sample = _transformed(self.make_sample, key, raw, None)
             if sample is None:
                 skipped += 1
                 continue

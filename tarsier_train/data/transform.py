@@ -10,8 +10,8 @@ import torch
 from transformers import ProcessorMixin
 
 from tarsier_train.data.records import VideoTextSample
-from tarsier_train.data.sampling import uniform_frame_indices
-from tarsier_train.data.video import decode_video
+from tarsier_train.data.sampling import FrameSampler
+from tarsier_train.data.video import decode_video_and_fps
 
 IGNORE_INDEX = -100
 
@@ -23,7 +23,7 @@ class SampleTooLongError(ValueError):
 @dataclasses.dataclass
 class VideoTextTransform:
     processor: ProcessorMixin
-    num_frames: int = 8
+    sampler: FrameSampler = dataclasses.field(default_factory=FrameSampler)
     # Tarsier2: every sampled frame is its own temporal step ([f, f] fills the ViT's temporal patch of 2).
     duplicate_frames: bool = True
     max_seq_len: int = 16384
@@ -42,9 +42,11 @@ class VideoTextTransform:
             upper = min(upper, self.total_pixels // num_frames)
         return {"shortest_edge": lower, "longest_edge": max(lower, upper)}
 
-    def sample_frames(self, video_bytes: bytes) -> tuple[np.ndarray, list[int]]:
-        frames = decode_video(video_bytes)
-        indices = uniform_frame_indices(len(frames), self.num_frames)
+    def sample_frames(self, sample: VideoTextSample, video_bytes: bytes,
+                      rng: np.random.Generator | None = None) -> tuple[np.ndarray, list[int]]:
+        """(frames for the processor, the video's frame indices they come from); rng only in training."""
+        frames, fps = decode_video_and_fps(video_bytes)
+        indices = self.sampler.indices(sample.video, len(frames), fps, rng)
         sampled = frames[indices]
         if self.duplicate_frames:
             sampled = np.repeat(sampled, 2, axis=0)
@@ -67,8 +69,9 @@ class VideoTextTransform:
                               "size": self.frame_pixel_bounds(len(frames))}, **kwargs,
         )
 
-    def __call__(self, sample: VideoTextSample, video_bytes: bytes) -> dict[str, torch.Tensor]:
-        return self.training_inputs(sample, self.sample_frames(video_bytes)[0])
+    def __call__(self, sample: VideoTextSample, video_bytes: bytes,
+                 rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+        return self.training_inputs(sample, self.sample_frames(sample, video_bytes, rng)[0])
 
     def training_inputs(self, sample: VideoTextSample, frames: np.ndarray) -> dict[str, torch.Tensor]:
         """Prompt + target, with labels on the assistant tokens only."""

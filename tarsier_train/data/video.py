@@ -8,6 +8,9 @@ import av
 import numpy as np
 
 
+DEFAULT_FPS = 25.0  # for containers that state no frame rate
+
+
 class VideoDecodeError(ValueError):
     """A video that cannot be decoded; loaders skip and count such samples."""
 
@@ -28,11 +31,18 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 18) -> bytes:
 
 def decode_video(data: bytes) -> np.ndarray:
     """All frames of a video held in memory, as uint8 (T, H, W, 3) RGB."""
+    return decode_video_and_fps(data)[0]
+
+
+def decode_video_and_fps(data: bytes) -> tuple[np.ndarray, float]:
+    """(frames as uint8 (T, H, W, 3) RGB, average frame rate) of a video held in memory."""
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or DEFAULT_FPS
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     except (av.FFmpegError, IndexError, ValueError) as error:
         raise VideoDecodeError(f"cannot decode video ({len(data)} bytes): {error}") from error
     if not frames:
         raise VideoDecodeError(f"video ({len(data)} bytes) has no decodable frames")
-    return np.stack(frames)
+    return np.stack(frames), fps

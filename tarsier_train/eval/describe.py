@@ -10,6 +10,7 @@ import webdataset as wds
 from transformers import PreTrainedModel, ProcessorMixin
 
 from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.eval.event_f1 import EventScore, reference_events, score_description
 
@@ -27,13 +28,13 @@ def greedy_description(model: PreTrainedModel, processor: ProcessorMixin, prompt
 def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards: Iterable[str],
                       num_frames: int = 8, duplicate_frames: bool = True, max_new_tokens: int = 48) -> EventScore:
     """Corpus event score of the model's descriptions of every clip in the shards."""
-    transform = VideoTextTransform(processor, num_frames=num_frames, duplicate_frames=duplicate_frames)
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=num_frames), duplicate_frames=duplicate_frames)
     total = EventScore()
     model.eval()
     for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
         record = json.loads(raw["json"])
         sample = canonical_sample(raw["__key__"], record)
-        prompt = transform.generation_inputs(sample, transform.sample_frames(raw["mp4"])[0])
+        prompt = transform.generation_inputs(sample, transform.sample_frames(sample, raw["mp4"])[0])
         text = greedy_description(model, processor, prompt, max_new_tokens)
         total = total.add(score_description(text, reference_events(record)))
     return total
