@@ -15,6 +15,7 @@ from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import VideoTextTransform
+from tarsier_train.data.video import VideoBackendName
 from tarsier_train.eval.event_f1 import reference_events
 
 
@@ -33,12 +34,13 @@ class VideoShardDataModule(L.LightningDataModule):
                  num_frames: int | list[int] = 8, frame_sampling: SamplingMode = "uniform", target_fps: float = 2.0,
                  max_n_frames: int = 128, duplicate_frames: bool = True, max_seq_len: int = 16384,
                  min_pixels: int | None = None, max_pixels: int | None = None, total_pixels: int | None = None,
+                 video_backend: VideoBackendName = "pyav", decode_timeout_s: float | None = 60.0,
                  seed: int = 0, shuffle_block: int = 256):
         super().__init__()
         sampler = FrameSampler(frame_sampling, num_frames if isinstance(num_frames, int) else tuple(num_frames),
                                target_fps, max_n_frames)
-        self.transform = VideoTextTransform(processor, sampler, duplicate_frames, max_seq_len,
-                                            min_pixels, max_pixels, total_pixels)
+        self.transform = VideoTextTransform(processor, sampler, duplicate_frames, max_seq_len, min_pixels,
+                                            max_pixels, total_pixels, video_backend, decode_timeout_s)
         self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers = batch_size, num_workers

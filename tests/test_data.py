@@ -1,3 +1,4 @@
+import importlib.util
 import itertools
 import json
 from collections import Counter
@@ -14,7 +15,7 @@ from tarsier_train.data.sampling import FrameSampler
 import tarsier_train.data.stream as stream_module
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
-from tarsier_train.data.video import VideoDecodeError, decode_video, encode_mp4
+from tarsier_train.data.video import VideoDecodeError, check_backend, decode_video, encode_mp4, read_frames
 from tarsier_train.toyworld import ToyWorldSpec, generate_clip, render_frames, toyworld_shards
 from tarsier_train.toyworld.shards import clip_record
 
@@ -186,3 +187,38 @@ def test_per_sample_pixel_budget_is_shared_by_all_frames(shards, processor, budg
     assert (t, h, w) == (8, *expected_hw)  # a budget of 1 px still keeps the processor's minimum (56 x 56)
     if budget and budget > 1:
         assert len(frames) * h * w * 14 * 14 <= budget
+
+
+def _toy_video(num_frames=16):
+    return encode_mp4(render_frames(generate_clip(np.random.default_rng(3), num_frames=num_frames)))
+
+
+@pytest.mark.parametrize("backend", ["pyav", pytest.param("decord", marks=pytest.mark.skipif(
+    importlib.util.find_spec("decord") is None, reason="decord not installed"))])
+def test_backends_read_only_the_chosen_frames(backend):
+    data = _toy_video()
+    everything = decode_video(data)
+    frames, indices, fps = read_frames(data, lambda n, fps: [0, n // 2, n - 1], backend=backend)
+    assert indices == [0, 8, 15] and fps == 8.0
+    assert np.abs(frames.astype(int) - everything[indices].astype(int)).mean() < 2
+
+
+def test_frames_past_the_end_and_missing_backends_are_clear_errors(monkeypatch):
+    with pytest.raises(VideoDecodeError, match="requested from a video of 16 frames"):
+        read_frames(_toy_video(), lambda n, fps: [0, 16])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="data.video_backend='torchcodec' needs the torchcodec"):
+        check_backend("torchcodec")
+
+
+def test_slow_decodes_time_out_as_decode_errors():
+    data = _toy_video()
+
+    def slow_choice(n, fps):
+        import time
+        time.sleep(2)
+        return [0]
+
+    with pytest.raises(VideoDecodeError, match="longer than 0.2 s"):
+        read_frames(data, slow_choice, timeout_s=0.2)
+    assert read_frames(data, lambda n, fps: [1], timeout_s=5)[1] == [1]  # the alarm is cleared afterwards

@@ -11,7 +11,7 @@ from transformers import ProcessorMixin
 
 from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.sampling import FrameSampler
-from tarsier_train.data.video import decode_video_and_fps
+from tarsier_train.data.video import VideoBackendName, check_backend, read_frames
 
 IGNORE_INDEX = -100
 
@@ -32,6 +32,11 @@ class VideoTextTransform:
     min_pixels: int | None = None
     max_pixels: int | None = None
     total_pixels: int | None = None
+    video_backend: VideoBackendName = "pyav"
+    decode_timeout_s: float | None = 60.0  # a video that takes longer is skipped and counted, never a hang
+
+    def __post_init__(self) -> None:
+        check_backend(self.video_backend)
 
     def frame_pixel_bounds(self, num_frames: int) -> dict[str, int]:
         """The processor's `size` for a clip of num_frames frames; the lower bound wins over the budget."""
@@ -45,9 +50,10 @@ class VideoTextTransform:
     def sample_frames(self, sample: VideoTextSample, video_bytes: bytes,
                       rng: np.random.Generator | None = None) -> tuple[np.ndarray, list[int]]:
         """(frames for the processor, the video's frame indices they come from); rng only in training."""
-        frames, fps = decode_video_and_fps(video_bytes)
-        indices = self.sampler.indices(sample.video, len(frames), fps, rng)
-        sampled = frames[indices]
+        sampled, indices, _ = read_frames(
+            video_bytes, lambda num_frames, fps: self.sampler.indices(sample.video, num_frames, fps, rng),
+            self.video_backend, self.decode_timeout_s,
+        )
         if self.duplicate_frames:
             sampled = np.repeat(sampled, 2, axis=0)
         elif len(sampled) % 2:  # native mode pairs frames; repeat the last to complete the pair
