@@ -38,9 +38,9 @@ def main(cfg: DictConfig) -> None:
     log.info("building model: %s", cfg.model.dir._target_)
     model_dir = instantiate(cfg.model.dir)
     processor = load_processor(model_dir)
-    model = load_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
     log.info("building data: %s", cfg.data._target_)
-    datamodule = instantiate(cfg.data, processor=processor)
+    datamodule = instantiate(cfg.data, processor=processor)  # before the weights: data errors come cheap
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
     log.info("building recipe: %s", cfg.objective._target_)
     recipe = instantiate(cfg.objective, model=model, processor=processor)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]

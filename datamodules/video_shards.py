@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 from typing import Any
 
@@ -13,7 +15,7 @@ from transformers import ProcessorMixin
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
-from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
+from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.data.video import VideoBackendName
 from tarsier_train.eval.event_f1 import reference_events
@@ -28,9 +30,26 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return shards
 
 
+SOURCE_KEYS = {"shards", "weight", "num_frames", "frame_sampling"}
+
+
+def _source_spec(spec: dict[str, Any], index: int) -> dict[str, Any]:
+    """A data.sources entry, checked when the config is built (before any compute)."""
+    spec = dict(spec)
+    unknown = sorted(set(spec) - SOURCE_KEYS)
+    if unknown or "shards" not in spec:
+        raise ValueError(f"data.sources[{index}]: unknown keys {unknown} or no 'shards' "
+                         f"(allowed: {', '.join(sorted(SOURCE_KEYS))})")
+    if spec.get("frame_sampling", "uniform") not in ("uniform", "segment", "fps"):
+        raise ValueError(f"data.sources[{index}].frame_sampling={spec['frame_sampling']!r}: "
+                         "allowed values are uniform, segment, fps")
+    return spec
+
+
 class VideoShardDataModule(L.LightningDataModule):
     def __init__(self, processor: ProcessorMixin, train_shards: str | list[str] | None = None,
-                 val_shards: str | list[str] | None = None, batch_size: int = 8, num_workers: int = 1,
+                 val_shards: str | list[str] | None = None, sources: list[dict[str, Any]] | None = None,
+                 batch_size: int = 8, num_workers: int = 1,
                  num_frames: int | list[int] = 8, frame_sampling: SamplingMode = "uniform", target_fps: float = 2.0,
                  max_n_frames: int = 128, duplicate_frames: bool = True, max_seq_len: int = 16384,
                  min_pixels: int | None = None, max_pixels: int | None = None, total_pixels: int | None = None,
@@ -43,13 +62,34 @@ class VideoShardDataModule(L.LightningDataModule):
                                             max_pixels, total_pixels, video_backend, decode_timeout_s)
         self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
         self.train_shards, self.val_shards = train_shards, val_shards
+        self.sources = [_source_spec(spec, index) for index, spec in enumerate(sources or [])]
+        if self.sources and train_shards:
+            raise ValueError("set data.train_shards (one source) or data.sources (a mixture), not both")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.shuffle_block = seed, shuffle_block
         self._resume_state: dict[str, Any] | None = None
         self._progress: StreamProgress | None = None
 
-    def make_train_sample(self, key: str, record: dict, video: bytes, rng: np.random.Generator | None) -> dict[str, Any]:
-        return self.transform(canonical_sample(key, record), video, rng)
+    @staticmethod
+    def make_train_sample(transform: VideoTextTransform, key: str, record: dict, video: bytes,
+                          rng: np.random.Generator | None) -> dict[str, Any]:
+        return transform(canonical_sample(key, record), video, rng)
+
+    def train_sources(self) -> list[Source]:
+        """data.sources, or data.train_shards as a single source; each source may override frame sampling."""
+        specs = self.sources or [{"shards": self.train_shards}]
+        sources = []
+        for spec in specs:
+            overrides = {k: spec[k] for k in ("num_frames", "frame_sampling") if k in spec}
+            sampler = self.transform.sampler
+            if overrides:
+                frames = overrides.get("num_frames", sampler.num_frames)
+                sampler = dataclasses.replace(sampler, mode=overrides.get("frame_sampling", sampler.mode),
+                                              num_frames=frames if isinstance(frames, int) else tuple(frames))
+            transform = dataclasses.replace(self.transform, sampler=sampler)
+            sources.append(Source(expand_shards(spec["shards"]), functools.partial(self.make_train_sample, transform),
+                                  float(spec.get("weight", 1.0))))
+        return sources
 
     def make_val_sample(self, key: str, record: dict, video: bytes, rng: np.random.Generator | None) -> dict[str, Any]:
         sample = canonical_sample(key, record)
@@ -68,8 +108,7 @@ class VideoShardDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        stream = VideoTextStream(expand_shards(self.train_shards), self.make_train_sample, seed=self.seed,
-                                 shuffle=True, shuffle_block=self.shuffle_block)
+        stream = VideoTextStream(self.train_sources(), seed=self.seed, shuffle=True, shuffle_block=self.shuffle_block)
         stream.resume_state = self._resume_state
         self._progress = StreamProgress(stream, self.trainer.world_size if self.trainer else 1, max(1, self.num_workers))
         return self._loader(stream, self.collator)

@@ -31,6 +31,8 @@ def _required_values(group: str, option: str) -> list[str]:
         return ["model.path=/models/qwen"]
     if (group, option) == ("data", "shards"):
         return ["data.train_shards=/d/train-*.tar", "data.val_shards=/d/val-*.tar"]
+    if (group, option) == ("data", "mixture"):
+        return ["data.val_shards=/d/val-*.tar"]
     return []
 
 

@@ -1,3 +1,4 @@
+import functools
 import importlib.util
 import itertools
 import json
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler
 import tarsier_train.data.stream as stream_module
-from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, StreamProgress, VideoTextStream
+from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
 from tarsier_train.data.video import VideoDecodeError, check_backend, decode_video, encode_mp4, read_frames
 from tarsier_train.toyworld import ToyWorldSpec, generate_clip, render_frames, toyworld_shards
@@ -90,7 +91,8 @@ def test_video_tokens_follow_frame_mode(shards, processor, duplicate, num_frames
 
 def _stream(shards, processor, **kwargs):
     transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
-    return VideoTextStream(shards, lambda k, r, v, g: {"key": k, **transform(canonical_sample(k, r), v, g)}, **kwargs)
+    return VideoTextStream([Source(shards, lambda k, r, v, g: {"key": k, **transform(canonical_sample(k, r), v, g)})],
+                           **kwargs)
 
 
 def _keys(batch):
@@ -146,7 +148,7 @@ def test_resume_on_another_layout_repeats_and_skips_nothing(shards, processor, m
         monkeypatch.setattr(stream_module, "_rank_and_world", lambda rank=rank: (rank, 3))
         stream = _stream(shards["train"], processor, seed=8, shuffle_block=4)
         stream.resume_state = state
-        schedule, _, _ = stream.resumed_schedule(3, 1)
+        schedule = stream.plan(3, 1).schedules[0]
         leftover = sum(len(r) for r in schedule.segment[rank])
         seen += [s["key"] for s in itertools.islice(iter(stream), leftover)]
     # every epoch that was started is read to its end, each sample exactly once per epoch
@@ -170,8 +172,8 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
     assert [s["key"] for s in out] == ["good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in out] == [0, 2]
     # the training stream skips them too, in its own order, and never stalls
-    stream = VideoTextStream([str(bad_shard)], make, shuffle=False)
-    assert stream.shard_sizes == [4]
+    stream = VideoTextStream([Source([str(bad_shard)], make)], shuffle=False)
+    assert stream.shard_sizes == [[4]]
     train = list(itertools.islice(iter(stream), 4))
     assert [s["key"] for s in train] == ["good_a", "good_b", "good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in train] == [0, 2, 0, 2]
@@ -222,3 +224,58 @@ def test_slow_decodes_time_out_as_decode_errors():
     with pytest.raises(VideoDecodeError, match="longer than 0.2 s"):
         read_frames(data, slow_choice, timeout_s=0.2)
     assert read_frames(data, lambda n, fps: [1], timeout_s=5)[1] == [1]  # the alarm is cleared afterwards
+
+
+def _tagged(tag):
+    return functools.partial(_tag_sample, tag)
+
+
+def _tag_sample(tag, key, record, video, rng):
+    return {"key": f"{tag}/{key}"}
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    a = toyworld_shards(root, ToyWorldSpec(num_train_clips=30, num_val_clips=1, clips_per_shard=6, seed=1))["train"]
+    b = toyworld_shards(root, ToyWorldSpec(num_train_clips=12, num_val_clips=1, clips_per_shard=4, seed=2))["train"]
+    return a, b
+
+
+def _mixture(two_sources, seed=0):
+    a, b = two_sources
+    return VideoTextStream([Source(a, _tagged("a"), weight=3.0), Source(b, _tagged("b"), weight=1.0)], seed=seed,
+                           shuffle_block=4)
+
+
+def test_mixture_draws_follow_the_weights(two_sources):
+    keys = [s["key"] for s in itertools.islice(iter(_mixture(two_sources)), 800)]
+    share_a = sum(k.startswith("a/") for k in keys) / len(keys)
+    assert abs(share_a - 0.75) < 0.05
+    assert keys == [s["key"] for s in itertools.islice(iter(_mixture(two_sources)), 800)]  # seeded
+    assert keys != [s["key"] for s in itertools.islice(iter(_mixture(two_sources, seed=1)), 800)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_mixture_resume_replays_and_elastic_resume_covers_each_source_once(two_sources, num_workers):
+    workers = max(1, num_workers)
+    full_stream = _mixture(two_sources)
+    full = _run(full_stream, StreamProgress(full_stream, 1, workers), num_workers, 12, batch_size=4)
+    first = _mixture(two_sources)
+    progress = StreamProgress(first, 1, workers)
+    seen = [k for batch in _run(first, progress, num_workers, 5, batch_size=4) for k in batch]
+    state = progress.state_dict(batches_per_rank=5)
+    resumed = _mixture(two_sources)
+    resumed.resume_state = state
+    assert _run(resumed, StreamProgress(resumed, 1, workers), num_workers, 7, batch_size=4) == full[5:]
+    # On one more worker than before, each source's started epochs are finished exactly once.
+    elastic = _mixture(two_sources)
+    elastic.resume_state = state
+    plan = elastic.plan(1, workers + 1)
+    for source, tag, size in ((0, "a", 30), (1, "b", 12)):
+        left = [sum(len(r) for r in plan.schedules[source].segment[c]) for c in range(workers + 1)]
+        items = [k for c in range(workers + 1)
+                 for _, k, _, _ in itertools.islice(elastic._source_items(source, plan.schedules[source], c, 0), left[c])]
+        mine = [k for k in seen if k.startswith(tag + "/")] + [f"{tag}/{k}" for k in items]
+        epochs = plan.schedules[source].first_epoch
+        assert Counter(mine) == {f"{tag}/train_{i:07d}": epochs for i in range(size)}

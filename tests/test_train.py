@@ -108,7 +108,7 @@ def test_resume_continues_steps_data_position_and_wandb_run(tmp_path, cache_root
     assert checkpoint["global_step"] == 4
     data_state = next(v for k, v in checkpoint.items() if k.endswith("DataModule"))
     assert data_state["batches_per_rank"] == 4
-    assert sum(data_state["num_consumed"]) == 4 * 4  # 4 steps x batch 4, across the run and its resume
+    assert sum(map(sum, data_state["num_consumed"])) == 4 * 4  # 4 steps x batch 4, over the run and its resume
     assert (run_dir / "wandb_run_id").read_text() == run_id
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)

@@ -44,6 +44,7 @@ class Schedule:
     num_consumers: int
     seed: int = 0
     shuffle: bool = True
+    source: int = 0  # which source of a mixture: its own shard orders
     # Ranges dealt out at an elastic resume, read before the regular epochs; one list per consumer.
     segment: list[list[ShardRange]] = dataclasses.field(default_factory=list)
     first_epoch: int = 0  # the first regular epoch (after the segment)
@@ -59,7 +60,7 @@ class Schedule:
     def shard_order(self, epoch: int) -> list[int]:
         order = np.arange(len(self.shard_sizes))
         if self.shuffle:
-            order = np.random.default_rng([_SHARD_ORDER, self.seed, epoch]).permutation(order)
+            order = np.random.default_rng([_SHARD_ORDER, self.seed, self.source, epoch]).permutation(order)
         return [int(k) for k in order if self.shard_sizes[k] > 0]
 
     def sequence(self, consumer: int) -> Iterator[ShardRange]:
@@ -95,7 +96,8 @@ class Schedule:
                 leftovers.append(shard_range)
         leftovers.sort(key=lambda r: (r.epoch, self.shard_order(r.epoch).index(r.shard), r.start))
         segment = [leftovers[c::num_consumers] for c in range(num_consumers)]
-        return Schedule(self.shard_sizes, num_consumers, self.seed, self.shuffle, segment, last_started_epoch + 1)
+        return Schedule(self.shard_sizes, num_consumers, self.seed, self.shuffle, self.source, segment,
+                        last_started_epoch + 1)
 
     def within_shard_order(self, epoch: int, shard: int, block: int) -> list[int]:
         """Raw sample offsets of a shard in reading order: a seeded permutation inside each block."""
@@ -105,19 +107,19 @@ class Schedule:
         order = []
         for start in range(0, size, block):
             length = min(block, size - start)
-            rng = np.random.default_rng([_WITHIN_SHARD, self.seed, epoch, shard, start])
+            rng = np.random.default_rng([_WITHIN_SHARD, self.seed, self.source, epoch, shard, start])
             order += [start + int(i) for i in rng.permutation(length)]
         return order
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "shard_sizes": list(self.shard_sizes), "num_consumers": self.num_consumers, "seed": self.seed,
-            "shuffle": self.shuffle, "first_epoch": self.first_epoch,
+            "shuffle": self.shuffle, "source": self.source, "first_epoch": self.first_epoch,
             "segment": [[dataclasses.astuple(r) for r in ranges] for ranges in self.segment],
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "Schedule":
         segment = [[ShardRange(*r) for r in ranges] for ranges in state["segment"]]
-        return cls(list(state["shard_sizes"]), state["num_consumers"], state["seed"], state["shuffle"], segment,
-                   state["first_epoch"])
+        return cls(list(state["shard_sizes"]), state["num_consumers"], state["seed"], state["shuffle"],
+                   state["source"], segment, state["first_epoch"])

@@ -3,6 +3,7 @@ resumable, elastic); the evaluation stream reads every sample once, split over c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tarfile
@@ -27,8 +28,9 @@ SKIPPABLE = (VideoDecodeError, SampleTooLongError, ValueError, KeyError, json.JS
 SKIPPED_KEY = "num_skipped"
 # (key, record, video bytes, the sample's random generator in training / None in evaluation) -> sample
 MakeSample = Callable[[str, dict, bytes, "np.random.Generator | None"], dict[str, Any]]
-_SAMPLE_RNG = 3  # seed tag (see schedule.py): per-sample randomness, e.g. which frames a segment gives
-# (consumer, items of its sequence consumed once this sample is) -> the loader position in checkpoints
+# seed tags (see schedule.py): per-sample randomness (e.g. which frames a segment gives), mixture draws
+_SAMPLE_RNG, _SOURCE_DRAW = 3, 4
+# (source, consumer, items of its sequence consumed, mixture draws consumed) once this sample is trained on
 POSITION_KEY = "stream_position"
 
 
@@ -77,56 +79,105 @@ def count_samples(shard: str) -> int:
     return keys
 
 
-class VideoTextStream(IterableDataset):
-    """Endless training stream over shards, in the order a `Schedule` gives; resumable from `resume_state`."""
+@dataclasses.dataclass
+class Source:
+    """One stream of a mixture: its shards, its weight, and how its samples are made."""
 
-    def __init__(self, shards: list[str], make_sample: MakeSample,
-                 seed: int = 0, shuffle: bool = True, shuffle_block: int = 256):
-        if not shards:
-            raise FileNotFoundError("no shards given to the stream")
-        self.shards, self.make_sample = list(shards), make_sample
-        self.seed, self.shuffle, self.shuffle_block = seed, shuffle, shuffle_block
-        self.shard_sizes = [count_samples(shard) for shard in self.shards]
+    shards: list[str]
+    make_sample: MakeSample
+    weight: float = 1.0
+
+
+@dataclasses.dataclass
+class StreamPlan:
+    """Where every consumer of every source stands: a fresh start, a continuation, or a re-deal."""
+
+    schedules: list[Schedule]  # one per source
+    num_consumed: list[list[int]]  # [source][consumer]: items of its sequence consumed
+    num_slots: list[int]  # [consumer]: mixture draws consumed
+    rotation: int  # which worker owns the loader's next batch
+
+
+class VideoTextStream(IterableDataset):
+    """Endless training stream over a weighted mixture of shard sources, each read in the order its
+    `Schedule` gives. A consumer draws the source of its k-th sample from a generator seeded by
+    (seed, consumer, k), so proportions hold and the draws replay exactly after a resume."""
+
+    def __init__(self, sources: list[Source], seed: int = 0, shuffle: bool = True, shuffle_block: int = 256):
+        if not sources or any(not source.shards for source in sources):
+            raise FileNotFoundError("every data source needs at least one shard")
+        if any(source.weight <= 0 for source in sources):
+            raise ValueError(f"source weights must be positive, got {[source.weight for source in sources]}")
+        self.sources, self.seed, self.shuffle, self.shuffle_block = list(sources), seed, shuffle, shuffle_block
+        self.shard_sizes = [[count_samples(shard) for shard in source.shards] for source in sources]
+        total = sum(source.weight for source in sources)
+        self.probabilities = [source.weight / total for source in sources]
         self.resume_state: dict[str, Any] | None = None  # a `StreamProgress.state_dict` of an earlier run
 
-    def resumed_schedule(self, world_size: int, num_workers: int) -> tuple[Schedule, list[int], int]:
-        """(schedule, items already consumed per consumer, worker rotation) for this layout of ranks x workers."""
+    def plan(self, world_size: int, num_workers: int) -> StreamPlan:
+        """The plan for this layout of ranks x workers, continuing `resume_state` if there is one."""
         num_consumers = world_size * num_workers
         state = self.resume_state
         if state is None:
-            return Schedule(self.shard_sizes, num_consumers, self.seed, self.shuffle), [0] * num_consumers, 0
-        previous = Schedule.from_state_dict(state["schedule"])
+            schedules = [Schedule(sizes, num_consumers, self.seed, self.shuffle, source)
+                         for source, sizes in enumerate(self.shard_sizes)]
+            return StreamPlan(schedules, [[0] * num_consumers for _ in schedules], [0] * num_consumers, 0)
+        previous = [Schedule.from_state_dict(schedule) for schedule in state["schedules"]]
         if (state["world_size"], state["num_workers"]) == (world_size, num_workers):
             # Same layout: every sequence continues. The loader starts again at worker 0, so the worker
             # that owned the next batch of the interrupted run must act as worker 0.
-            return previous, list(state["num_consumed"]), state["batches_per_rank"] % num_workers
-        return previous.continued_by(state["num_consumed"], num_consumers), [0] * num_consumers, 0
+            return StreamPlan(previous, [list(n) for n in state["num_consumed"]], list(state["num_slots"]),
+                              state["batches_per_rank"] % num_workers)
+        schedules = [schedule.continued_by(consumed, num_consumers)
+                     for schedule, consumed in zip(previous, state["num_consumed"])]
+        return StreamPlan(schedules, [[0] * num_consumers for _ in schedules], [0] * num_consumers, 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size = _rank_and_world()
         worker, num_workers = _worker_and_count()
-        schedule, consumed, rotation = self.resumed_schedule(world_size, num_workers)
-        consumer = rank * num_workers + (worker + rotation) % num_workers
-        position, skipped = consumed[consumer], 0
-        for shard_range in schedule.remaining(consumer, consumed[consumer]):
-            for key, raw in self._read(schedule, shard_range):
-                position += 1
+        plan = self.plan(world_size, num_workers)
+        consumer = rank * num_workers + (worker + plan.rotation) % num_workers
+        readers = [self._source_items(source, plan.schedules[source], consumer, plan.num_consumed[source][consumer])
+                   for source in range(len(self.sources))]
+        slot, skipped = plan.num_slots[consumer], 0
+        while True:
+            source = self._draw_source(consumer, slot)
+            slot += 1
+            for position, key, raw, epoch in readers[source]:
                 # Seeded by epoch and key: a resumed or re-dealt sample sees the same frames it would have.
-                rng = np.random.default_rng([_SAMPLE_RNG, self.seed, shard_range.epoch, zlib.crc32(key.encode())])
-                sample = _transformed(self.make_sample, key, raw, rng)
+                rng = np.random.default_rng([_SAMPLE_RNG, self.seed, source, epoch, zlib.crc32(key.encode())])
+                sample = _transformed(self.sources[source].make_sample, key, raw, rng)
                 if sample is None:
                     skipped += 1
                     continue
-                sample[SKIPPED_KEY], sample[POSITION_KEY] = skipped, (consumer, position)
+                sample[SKIPPED_KEY], sample[POSITION_KEY] = skipped, (source, consumer, position, slot)
                 skipped = 0
                 yield sample
+                break
 
-    def _read(self, schedule: Schedule, shard_range: ShardRange) -> Iterator[tuple[str, dict | Exception]]:
+    def _draw_source(self, consumer: int, slot: int) -> int:
+        if len(self.sources) == 1:
+            return 0
+        rng = np.random.default_rng([_SOURCE_DRAW, self.seed, consumer, slot])
+        return int(rng.choice(len(self.sources), p=self.probabilities))
+
+    def _source_items(self, source: int, schedule: Schedule, consumer: int,
+                      num_consumed: int) -> Iterator[tuple[int, str, dict | Exception, int]]:
+        """(position in the consumer's sequence, key, raw sample, epoch), forever."""
+        position = num_consumed
+        for shard_range in schedule.remaining(consumer, num_consumed):
+            for key, raw in self._read(source, schedule, shard_range):
+                position += 1
+                yield position, key, raw, shard_range.epoch
+
+    def _read(self, source: int, schedule: Schedule,
+              shard_range: ShardRange) -> Iterator[tuple[str, dict | Exception]]:
         """The range's samples in within-shard order; buffers at most one shuffle block of raw samples."""
         order = schedule.within_shard_order(shard_range.epoch, shard_range.shard, self.shuffle_block)
         wanted = order[shard_range.start:shard_range.end]
         pending, buffered = set(wanted), {}
-        raw_samples = enumerate(_raw_samples([self.shards[shard_range.shard]]))
+        shard = self.sources[source].shards[shard_range.shard]
+        raw_samples = enumerate(_raw_samples([shard]))
         for offset in wanted:
             while offset not in buffered:
                 index, raw = next(raw_samples, (None, None))
@@ -138,7 +189,7 @@ class VideoTextStream(IterableDataset):
                     buffered[index] = raw
             raw = buffered.pop(offset)
             pending.discard(offset)
-            key = raw["__key__"] if isinstance(raw, dict) else f"{self.shards[shard_range.shard]}#{offset}"
+            key = raw["__key__"] if isinstance(raw, dict) else f"{shard}#{offset}"
             yield key, raw
 
 
@@ -174,17 +225,23 @@ class StreamProgress:
     """How far each consumer of a training stream got, from the batches the model actually trained on."""
 
     def __init__(self, stream: VideoTextStream, world_size: int, num_workers: int):
-        self.schedule, self.num_consumed, _ = stream.resumed_schedule(world_size, num_workers)
+        plan = stream.plan(world_size, num_workers)
+        self.schedules, self.num_consumed, self.num_slots = plan.schedules, plan.num_consumed, plan.num_slots
         self.world_size, self.num_workers = world_size, num_workers
 
     def record(self, positions: torch.Tensor) -> None:
-        for consumer, position in positions.tolist():
-            self.num_consumed[consumer] = max(self.num_consumed[consumer], position)
+        for source, consumer, position, slot in positions.tolist():
+            self.num_consumed[source][consumer] = max(self.num_consumed[source][consumer], position)
+            self.num_slots[consumer] = max(self.num_slots[consumer], slot)
 
     def state_dict(self, batches_per_rank: int) -> dict[str, Any]:
         """Collective under torch.distributed: every rank only saw its own consumers' batches."""
-        num_consumed = torch.tensor(self.num_consumed, dtype=torch.long)
+        counts = torch.tensor([*self.num_slots, *(n for per_source in self.num_consumed for n in per_source)])
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_consumed, op=dist.ReduceOp.MAX)
-        return {"schedule": self.schedule.state_dict(), "num_consumed": num_consumed.tolist(),
-                "world_size": self.world_size, "num_workers": self.num_workers, "batches_per_rank": batches_per_rank}
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        counts = counts.tolist()
+        num_consumers = len(self.num_slots)
+        per_source = [counts[num_consumers * (s + 1):num_consumers * (s + 2)] for s in range(len(self.schedules))]
+        return {"schedules": [schedule.state_dict() for schedule in self.schedules], "num_consumed": per_source,
+                "num_slots": counts[:num_consumers], "world_size": self.world_size, "num_workers": self.num_workers,
+                "batches_per_rank": batches_per_rank}
