@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.data.transform import TRUNCATED_KEY
 from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.losses import summed_token_cross_entropy
@@ -32,13 +33,13 @@ class LMRecipe(L.LightningModule):
         self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
         self.weight_decay, self.max_new_tokens = weight_decay, max_new_tokens
         self.num_logged_examples = num_logged_examples
-        self._num_skipped = 0
+        self._num_skipped = self._num_truncated = 0
         self._step_started = time.perf_counter()
         self._val_score = EventScore()
         self._val_examples: list[str] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", SKIPPED_KEY)}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", SKIPPED_KEY, TRUNCATED_KEY)}
         logits = self.model(**inputs, use_cache=False).logits
         return summed_token_cross_entropy(logits, batch["labels"])
 
@@ -48,6 +49,7 @@ class LMRecipe(L.LightningModule):
         global_tokens = self.trainer.strategy.reduce(num_tokens.float(), reduce_op="sum")
         loss = loss_sum * self.trainer.world_size / global_tokens.clamp(min=1)
         self._num_skipped += int(batch[SKIPPED_KEY])
+        self._num_truncated += int(batch[TRUNCATED_KEY])
         now = time.perf_counter()
         tokens_per_s = batch["attention_mask"].sum().item() / max(now - self._step_started, 1e-9)
         self._step_started = now
@@ -57,6 +59,7 @@ class LMRecipe(L.LightningModule):
             "train/tokens_per_s": tokens_per_s,
             "train/target_tokens": num_tokens.float(),
             "data/skipped_samples": float(self._num_skipped),
+            "data/truncated_samples": float(self._num_truncated),
         }, batch_size=len(batch["input_ids"]))
         return loss
 

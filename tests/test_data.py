@@ -15,7 +15,7 @@ from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler
 import tarsier_train.data.stream as stream_module
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
-from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
+from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, SampleTooLongError, VideoTextTransform
 from tarsier_train.data.video import VideoDecodeError, check_backend, decode_video, encode_mp4, read_frames
 from tarsier_train.toyworld import ToyWorldSpec, generate_clip, render_frames, toyworld_shards
 from tarsier_train.toyworld.shards import clip_record
@@ -279,3 +279,20 @@ def test_mixture_resume_replays_and_elastic_resume_covers_each_source_once(two_s
         mine = [k for k in seen if k.startswith(tag + "/")] + [f"{tag}/{k}" for k in items]
         epochs = plan.schedules[source].first_epoch
         assert Counter(mine) == {f"{tag}/train_{i:07d}": epochs for i in range(size)}
+
+
+def test_too_long_samples_lose_text_never_visual_tokens(shards, processor):
+    sample, video = _first_sample(shards)
+    full = VideoTextTransform(processor, FrameSampler(num_frames=8))(sample, video)
+    length, last_visual = len(full["input_ids"]), int((full["mm_token_type_ids"] != 0).nonzero()[-1])
+    assert full[TRUNCATED_KEY] == 0
+
+    cut = VideoTextTransform(processor, FrameSampler(num_frames=8), max_seq_len=length - 3)(sample, video)
+    assert cut[TRUNCATED_KEY] == 1 and torch.equal(cut["input_ids"], full["input_ids"][: length - 3])
+    assert torch.equal(cut["labels"], full["labels"][: length - 3]) and torch.equal(cut["pixel_values_videos"], full["pixel_values_videos"])
+
+    with pytest.raises(SampleTooLongError, match="visual tokens run past"):
+        VideoTextTransform(processor, FrameSampler(num_frames=8), max_seq_len=last_visual)(sample, video)
+    first_label = int((full["labels"] != IGNORE_INDEX).nonzero()[0])
+    with pytest.raises(SampleTooLongError, match="no target left"):
+        VideoTextTransform(processor, FrameSampler(num_frames=8), max_seq_len=first_label)(sample, video)

@@ -43,7 +43,7 @@ def test_run_writes_checkpoint_export_logs_and_prints_them(two_step_run):
     assert str(run_dir / "checkpoints" / "step-000002.ckpt") in result.stdout
     rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     keys = set(rows[0])
-    assert {"train/loss", "train/lr", "train/tokens_per_s", "data/skipped_samples", "val/loss",
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "data/skipped_samples", "data/truncated_samples", "val/loss",
             "val/event_f1", "val/event_precision", "val/event_recall", "val/skipped_samples"} <= keys
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses and all(0 < loss < 20 for loss in losses)

@@ -6,7 +6,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
-from tarsier_train.data.transform import IGNORE_INDEX
+from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY
 
 
 class VideoTextCollator:
@@ -23,6 +23,7 @@ class VideoTextCollator:
             "pixel_values_videos": torch.cat([s["pixel_values_videos"] for s in samples]),
             "video_grid_thw": torch.cat([s["video_grid_thw"] for s in samples]),
             SKIPPED_KEY: torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples)),
+            TRUNCATED_KEY: torch.tensor(sum(s.get(TRUNCATED_KEY, 0) for s in samples)),
         }
         if POSITION_KEY in samples[0]:
             batch[POSITION_KEY] = torch.tensor([s[POSITION_KEY] for s in samples])

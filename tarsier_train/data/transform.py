@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,14 @@ from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.video import VideoBackendName, check_backend, read_frames
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+
+
+TRUNCATED_KEY = "num_truncated"
 
 
 class SampleTooLongError(ValueError):
-    """A sample longer than max_seq_len; skipped and counted instead of cut."""
+    """A sample that cannot fit max_seq_len without cutting its visual tokens or its whole target."""
 
 
 @dataclasses.dataclass
@@ -80,19 +85,29 @@ class VideoTextTransform:
         return self.training_inputs(sample, self.sample_frames(sample, video_bytes, rng)[0])
 
     def training_inputs(self, sample: VideoTextSample, frames: np.ndarray) -> dict[str, torch.Tensor]:
-        """Prompt + target, with labels on the assistant tokens only."""
+        """Prompt + target, with labels on the assistant tokens only, cut to max_seq_len after the video."""
         encoded = self._encode(self.messages(sample, frames, with_target=True), return_assistant_tokens_mask=True)
         input_ids = encoded["input_ids"][0]
-        if len(input_ids) > self.max_seq_len:
-            raise SampleTooLongError(f"{sample.key}: {len(input_ids)} tokens > max_seq_len={self.max_seq_len}")
         labels = torch.where(encoded["assistant_masks"][0].bool(), input_ids, IGNORE_INDEX)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "mm_token_type_ids": encoded["mm_token_type_ids"][0],
-            "pixel_values_videos": encoded["pixel_values_videos"],
-            "video_grid_thw": encoded["video_grid_thw"],
-        }
+        inputs = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": encoded["mm_token_type_ids"][0]}
+        truncated = len(input_ids) > self.max_seq_len
+        if truncated:
+            inputs = self._truncated(sample.key, inputs)
+        return {**inputs, "pixel_values_videos": encoded["pixel_values_videos"],
+                "video_grid_thw": encoded["video_grid_thw"], TRUNCATED_KEY: int(truncated)}
+
+    def _truncated(self, key: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cut the text after the video to max_seq_len; a cut inside the visual tokens would desynchronise
+        them from the pixels (and one that leaves no target teaches nothing): such samples are skipped."""
+        visual = (inputs["mm_token_type_ids"] != 0).nonzero()
+        length = len(inputs["input_ids"])
+        if len(visual) and int(visual[-1]) >= self.max_seq_len:
+            raise SampleTooLongError(f"{key}: {length} tokens, visual tokens run past max_seq_len={self.max_seq_len}")
+        cut = {name: tensor[: self.max_seq_len] for name, tensor in inputs.items()}
+        if (cut["labels"][1:] == IGNORE_INDEX).all():
+            raise SampleTooLongError(f"{key}: {length} tokens, no target left within max_seq_len={self.max_seq_len}")
+        log.warning("truncating sample %s from %d to max_seq_len=%d tokens (text only)", key, length, self.max_seq_len)
+        return cut
 
     def generation_inputs(self, sample: VideoTextSample, frames: np.ndarray) -> dict[str, torch.Tensor]:
         """The prompt alone (batch of one), ending with the assistant header, ready for `generate`."""
