@@ -263,3 +263,20 @@ def test_output_size_is_capped_even_and_keeps_aspect():
     assert output_size(1080, 1920, 641) == (360, 640)
     assert output_size(63, 35, None) == (62, 34)
     assert output_size(100, 3, 10) == (10, 2)
+
+
+def test_stream_takes_shard_sizes_from_the_writer_manifest(tmp_path, monkeypatch):
+    import tarsier_train.data.stream as stream_module
+
+    media = tmp_path / "media"
+    media.mkdir()
+    clip = media / "a.mp4"
+    clip.write_bytes(encode_mp4(np.zeros((4, 32, 32, 3), dtype=np.uint8)))
+    record = {"messages": [{"role": "user", "content": [{"type": "video", "video": {"video_file": "a.mp4"}}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]}
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(record) for _ in range(5)))
+    write_shards(tmp_path / "in.jsonl", media, tmp_path / "out", workers=1)
+    shards = sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
+    assert stream_module.shard_sample_counts(shards) == [5]
+    monkeypatch.setattr(stream_module, "count_samples", lambda shard: pytest.fail("opened a tar"))
+    assert stream_module.shard_sample_counts(shards) == [5]

@@ -9,6 +9,7 @@ import logging
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,22 @@ def _transformed(make_sample: MakeSample, key: str, raw: dict[str, Any] | Except
         return None
 
 
+def shard_sample_counts(shards: list[str]) -> list[int]:
+    """Samples per shard: from a shard writer's manifest.json beside the shards when there is one (no
+    tar is opened), else from the tar headers."""
+    counts = []
+    manifests: dict[Path, dict[str, int]] = {}
+    for shard in shards:
+        folder = Path(shard).parent
+        if folder not in manifests:
+            manifest = folder / "manifest.json"
+            entries = json.loads(manifest.read_text()).get("shards", []) if manifest.is_file() else []
+            manifests[folder] = {e["name"]: e["num_samples"] for e in entries if isinstance(e, dict)}
+        known = manifests[folder].get(Path(shard).name)
+        counts.append(known if known is not None else count_samples(shard))
+    return counts
+
+
 def count_samples(shard: str) -> int:
     """Samples in a shard, from its tar headers alone (members of one sample share the key before the first dot)."""
     keys, last = 0, None
@@ -109,7 +126,7 @@ class VideoTextStream(IterableDataset):
         if any(source.weight <= 0 for source in sources):
             raise ValueError(f"source weights must be positive, got {[source.weight for source in sources]}")
         self.sources, self.seed, self.shuffle, self.shuffle_block = list(sources), seed, shuffle, shuffle_block
-        self.shard_sizes = [[count_samples(shard) for shard in source.shards] for source in sources]
+        self.shard_sizes = [shard_sample_counts(source.shards) for source in sources]
         total = sum(source.weight for source in sources)
         self.probabilities = [source.weight / total for source in sources]
         self.resume_state: dict[str, Any] | None = None  # a `StreamProgress.state_dict` of an earlier run
