@@ -33,17 +33,8 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 SOURCE_KEYS = {"shards", "weight", "num_frames", "frame_sampling"}
 
 
-def _source_spec(spec: dict[str, Any], index: int) -> dict[str, Any]:
-    """A data.sources entry, checked when the config is built (before any compute)."""
-    spec = dict(spec)
-    unknown = sorted(set(spec) - SOURCE_KEYS)
-    if unknown or "shards" not in spec:
-        raise ValueError(f"data.sources[{index}]: unknown keys {unknown} or no 'shards' "
-                         f"(allowed: {', '.join(sorted(SOURCE_KEYS))})")
-    if spec.get("frame_sampling", "uniform") not in ("uniform", "segment", "fps"):
-        raise ValueError(f"data.sources[{index}].frame_sampling={spec['frame_sampling']!r}: "
-                         "allowed values are uniform, segment, fps")
-    return spec
+def _frame_counts(value: int | list[int]) -> int | tuple[int, ...]:
+    return value if isinstance(value, int) else tuple(value)
 
 
 class VideoShardDataModule(L.LightningDataModule):
@@ -56,13 +47,13 @@ class VideoShardDataModule(L.LightningDataModule):
                  video_backend: VideoBackendName = "pyav", decode_timeout_s: float | None = 60.0,
                  seed: int = 0, shuffle_block: int = 256):
         super().__init__()
-        sampler = FrameSampler(frame_sampling, num_frames if isinstance(num_frames, int) else tuple(num_frames),
-                               target_fps, max_n_frames)
+        sampler = FrameSampler(frame_sampling, _frame_counts(num_frames), target_fps, max_n_frames)
         self.transform = VideoTextTransform(processor, sampler, duplicate_frames, max_seq_len, min_pixels,
                                             max_pixels, total_pixels, video_backend, decode_timeout_s)
         self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
         self.train_shards, self.val_shards = train_shards, val_shards
-        self.sources = [_source_spec(spec, index) for index, spec in enumerate(sources or [])]
+        # Built here, so a bad source fails with the config, before any compute.
+        self.sources = [self._source(dict(spec), index) for index, spec in enumerate(sources or [])]
         if self.sources and train_shards:
             raise ValueError("set data.train_shards (one source) or data.sources (a mixture), not both")
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -75,21 +66,22 @@ class VideoShardDataModule(L.LightningDataModule):
                           rng: np.random.Generator | None) -> dict[str, Any]:
         return transform(canonical_sample(key, record), video, rng)
 
+    def _source(self, spec: dict[str, Any], index: int) -> tuple[Any, float, VideoTextTransform]:
+        """(shards, weight, transform) of a data.sources entry; it may override the frame sampling."""
+        unknown = sorted(set(spec) - SOURCE_KEYS)
+        if unknown or "shards" not in spec:
+            raise ValueError(f"data.sources[{index}]: unknown keys {unknown} or no 'shards' "
+                             f"(allowed: {', '.join(sorted(SOURCE_KEYS))})")
+        sampler = self.transform.sampler
+        sampler = dataclasses.replace(sampler, mode=spec.get("frame_sampling", sampler.mode),
+                                      num_frames=_frame_counts(spec.get("num_frames", sampler.num_frames)))
+        return spec["shards"], float(spec.get("weight", 1.0)), dataclasses.replace(self.transform, sampler=sampler)
+
     def train_sources(self) -> list[Source]:
-        """data.sources, or data.train_shards as a single source; each source may override frame sampling."""
-        specs = self.sources or [{"shards": self.train_shards}]
-        sources = []
-        for spec in specs:
-            overrides = {k: spec[k] for k in ("num_frames", "frame_sampling") if k in spec}
-            sampler = self.transform.sampler
-            if overrides:
-                frames = overrides.get("num_frames", sampler.num_frames)
-                sampler = dataclasses.replace(sampler, mode=overrides.get("frame_sampling", sampler.mode),
-                                              num_frames=frames if isinstance(frames, int) else tuple(frames))
-            transform = dataclasses.replace(self.transform, sampler=sampler)
-            sources.append(Source(expand_shards(spec["shards"]), functools.partial(self.make_train_sample, transform),
-                                  float(spec.get("weight", 1.0))))
-        return sources
+        """data.sources, or data.train_shards as a single source."""
+        sources = self.sources or [(self.train_shards, 1.0, self.transform)]
+        return [Source(expand_shards(shards), functools.partial(self.make_train_sample, transform), weight)
+                for shards, weight, transform in sources]
 
     def make_val_sample(self, key: str, record: dict, video: bytes, rng: np.random.Generator | None) -> dict[str, Any]:
         sample = canonical_sample(key, record)

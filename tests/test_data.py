@@ -296,3 +296,14 @@ def test_too_long_samples_lose_text_never_visual_tokens(shards, processor):
     first_label = int((full["labels"] != IGNORE_INDEX).nonzero()[0])
     with pytest.raises(SampleTooLongError, match="no target left"):
         VideoTextTransform(processor, FrameSampler(num_frames=8), max_seq_len=first_label)(sample, video)
+
+
+def test_bad_mixture_sources_fail_when_the_datamodule_is_built(processor):
+    from datamodules.video_shards import VideoShardDataModule
+
+    with pytest.raises(ValueError, match=r"data.sources\[1\]: unknown keys \['wieght'\]"):
+        VideoShardDataModule(processor, sources=[{"shards": "a"}, {"shards": "b", "wieght": 2}])
+    with pytest.raises(ValueError, match="allowed values are uniform, segment, fps"):
+        VideoShardDataModule(processor, sources=[{"shards": "a", "frame_sampling": "random"}])
+    with pytest.raises(ValueError, match="not both"):
+        VideoShardDataModule(processor, train_shards="x", sources=[{"shards": "a"}])
