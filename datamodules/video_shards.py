@@ -84,11 +84,10 @@ class VideoShardDataModule(L.LightningDataModule):
                 for shards, weight, transform in sources]
 
     def make_val_sample(self, key: str, record: dict, video: bytes, rng: np.random.Generator | None) -> dict[str, Any]:
-        sample = canonical_sample(key, record)
-        frames, _ = self.transform.sample_frames(sample, video, rng)
+        task_input = self.transform.prepare(canonical_sample(key, record), video, rng)
         return {
-            "train": self.transform.training_inputs(sample, frames),
-            "generate": self.transform.generation_inputs(sample, frames),
+            "train": self.transform.training_inputs(task_input),
+            "generate": self.transform.generation_inputs(task_input),
             "reference_events": reference_events(record),
         }
 

@@ -183,9 +183,10 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
 def test_per_sample_pixel_budget_is_shared_by_all_frames(shards, processor, budget, expected_hw):
     sample, video = _first_sample(shards)
     transform = VideoTextTransform(processor, FrameSampler(num_frames=8), duplicate_frames=True, total_pixels=budget)
-    frames, _ = transform.sample_frames(sample, video)
+    task_input = transform.prepare(sample, video)
+    frames = transform.processor_frames(task_input.frames)
     assert len(frames) == 16  # 8 sampled frames, each duplicated
-    t, h, w = transform.training_inputs(sample, frames)["video_grid_thw"][0].tolist()
+    t, h, w = transform.training_inputs(task_input)["video_grid_thw"][0].tolist()
     assert (t, h, w) == (8, *expected_hw)  # a budget of 1 px still keeps the processor's minimum (56 x 56)
     if budget and budget > 1:
         assert len(frames) * h * w * 14 * 14 <= budget

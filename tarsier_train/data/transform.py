@@ -12,6 +12,7 @@ from transformers import ProcessorMixin
 
 from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.sampling import FrameSampler
+from tarsier_train.data.tasks import TaskInput, render_task
 from tarsier_train.data.video import VideoBackendName, check_backend, read_frames
 
 IGNORE_INDEX = -100
@@ -54,22 +55,33 @@ class VideoTextTransform:
 
     def sample_frames(self, sample: VideoTextSample, video_bytes: bytes,
                       rng: np.random.Generator | None = None) -> tuple[np.ndarray, list[int]]:
-        """(frames for the processor, the video's frame indices they come from); rng only in training."""
-        sampled, indices, _ = read_frames(
+        """(sampled frames, the video's frame indices they come from); rng only in training."""
+        frames, indices, _ = read_frames(
             video_bytes, lambda num_frames, fps: self.sampler.indices(sample.video, num_frames, fps, rng),
             self.video_backend, self.decode_timeout_s,
         )
-        if self.duplicate_frames:
-            sampled = np.repeat(sampled, 2, axis=0)
-        elif len(sampled) % 2:  # native mode pairs frames; repeat the last to complete the pair
-            sampled = np.concatenate([sampled, sampled[-1:]])
-        return sampled, indices
+        return frames, indices
 
-    def messages(self, sample: VideoTextSample, frames: np.ndarray, with_target: bool) -> list[dict[str, Any]]:
-        user = {"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": sample.prompt}]}
+    def prepare(self, sample: VideoTextSample, video_bytes: bytes,
+                rng: np.random.Generator | None = None) -> TaskInput:
+        """Decode, sample frames, and let the record's task make the prompt and target."""
+        frames, indices = self.sample_frames(sample, video_bytes, rng)
+        return render_task(sample, frames, indices, rng)
+
+    def processor_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Frames as the ViT takes them: each duplicated (Tarsier2), or paired with an even count (native)."""
+        if self.duplicate_frames:
+            return np.repeat(frames, 2, axis=0)
+        if len(frames) % 2:
+            return np.concatenate([frames, frames[-1:]])
+        return frames
+
+    def messages(self, task_input: TaskInput, with_target: bool) -> list[dict[str, Any]]:
+        video = self.processor_frames(task_input.frames)
+        user = {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": task_input.prompt}]}
         if not with_target:
             return [user]
-        return [user, {"role": "assistant", "content": [{"type": "text", "text": sample.target}]}]
+        return [user, {"role": "assistant", "content": [{"type": "text", "text": task_input.target}]}]
 
     def _encode(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, torch.Tensor]:
         frames = messages[0]["content"][0]["video"]
@@ -82,17 +94,17 @@ class VideoTextTransform:
 
     def __call__(self, sample: VideoTextSample, video_bytes: bytes,
                  rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-        return self.training_inputs(sample, self.sample_frames(sample, video_bytes, rng)[0])
+        return self.training_inputs(self.prepare(sample, video_bytes, rng))
 
-    def training_inputs(self, sample: VideoTextSample, frames: np.ndarray) -> dict[str, torch.Tensor]:
+    def training_inputs(self, task_input: TaskInput) -> dict[str, torch.Tensor]:
         """Prompt + target, with labels on the assistant tokens only, cut to max_seq_len after the video."""
-        encoded = self._encode(self.messages(sample, frames, with_target=True), return_assistant_tokens_mask=True)
+        encoded = self._encode(self.messages(task_input, with_target=True), return_assistant_tokens_mask=True)
         input_ids = encoded["input_ids"][0]
         labels = torch.where(encoded["assistant_masks"][0].bool(), input_ids, IGNORE_INDEX)
         inputs = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": encoded["mm_token_type_ids"][0]}
         truncated = len(input_ids) > self.max_seq_len
         if truncated:
-            inputs = self._truncated(sample.key, inputs)
+            inputs = self._truncated(task_input.key, inputs)
         return {**inputs, "pixel_values_videos": encoded["pixel_values_videos"],
                 "video_grid_thw": encoded["video_grid_thw"], TRUNCATED_KEY: int(truncated)}
 
@@ -109,6 +121,6 @@ class VideoTextTransform:
         log.warning("truncating sample %s from %d to max_seq_len=%d tokens (text only)", key, length, self.max_seq_len)
         return cut
 
-    def generation_inputs(self, sample: VideoTextSample, frames: np.ndarray) -> dict[str, torch.Tensor]:
+    def generation_inputs(self, task_input: TaskInput) -> dict[str, torch.Tensor]:
         """The prompt alone (batch of one), ending with the assistant header, ready for `generate`."""
-        return dict(self._encode(self.messages(sample, frames, with_target=False), add_generation_prompt=True))
+        return dict(self._encode(self.messages(task_input, with_target=False), add_generation_prompt=True))

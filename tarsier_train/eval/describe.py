@@ -34,7 +34,7 @@ def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards:
     for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
         record = json.loads(raw["json"])
         sample = canonical_sample(raw["__key__"], record)
-        prompt = transform.generation_inputs(sample, transform.sample_frames(sample, raw["mp4"])[0])
+        prompt = transform.generation_inputs(transform.prepare(sample, raw["mp4"]))
         text = greedy_description(model, processor, prompt, max_new_tokens)
         total = total.add(score_description(text, reference_events(record)))
     return total

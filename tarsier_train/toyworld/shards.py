@@ -13,14 +13,14 @@ import numpy as np
 import webdataset as wds
 
 from tarsier_train.data.video import encode_mp4
-from tarsier_train.toyworld.describe import DESCRIBE_PROMPT, describe, describe_grounded
+from tarsier_train.toyworld.describe import DESCRIBE_PROMPT, describe, describe_grounded, event_sentence
 from tarsier_train.toyworld.world import Clip, generate_clip, render_frames
 
 log = logging.getLogger(__name__)
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1_000_003}
 # Bump when generated clips change for the same spec, so stale caches are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ def clip_record(clip: Clip, key: str, index: int, spec: ToyWorldSpec) -> dict:
         "task": "video/caption",
         "idx": index,
         "extra_info": {
-            "events": [dataclasses.asdict(e) for e in clip.events],
+            "events": [{**dataclasses.asdict(e), "text": event_sentence(e)} for e in clip.events],
             "grounded_description": describe_grounded(clip.events, all_frames),
         },
     }

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from tarsier_train.data.records import VideoTextSample
+from tarsier_train.data.sampling import FrameSampler
+from tarsier_train.data.tasks import DEFAULT_PROMPTS, render_task
+from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
+from tarsier_train.data.video import encode_mp4
+from tarsier_train.toyworld import generate_clip, render_frames
+
+EVENTS = [{"start": 0, "end": 6, "text": "The red circle moves left."},
+          {"start": 7, "end": 15, "text": "The red circle grows."}]
+
+
+def _sample(task, prompt="", target="", events=EVENTS):
+    record = {"task": task, "extra_info": {"events": events}}
+    return VideoTextSample("k1", prompt, target, {"video_file": "k1.mp4"}, record)
+
+
+def _frames(n):
+    return np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 3), dtype=np.uint8)
+
+
+def test_records_with_their_own_text_are_used_as_written():
+    out = render_task(_sample("video/qa", "What moves?", "The circle."), _frames(4), [0, 5, 10, 15], None)
+    assert (out.prompt, out.target) == ("What moves?", "The circle.")
+    assert render_task(_sample("video/caption"), _frames(4), [0, 5, 10, 15], None).prompt == DEFAULT_PROMPTS["video/caption"]
+
+
+def test_grounding_tags_events_with_the_sampled_frame_positions():
+    out = render_task(_sample("video/grounding"), _frames(4), [0, 5, 10, 15], None)
+    assert out.target == "<frame: 1-2> The red circle moves left. <frame: 3-4> The red circle grows."
+    out = render_task(_sample("video/grounding"), _frames(2), [8, 12], None)
+    assert out.target == "<frame: 1-2> The red circle grows."  # the first event is not in the sampled frames
+    with pytest.raises(ValueError, match="no event inside the sampled frames"):
+        render_task(_sample("video/grounding", events=[{"start": 1, "end": 2, "text": "x"}]), _frames(2), [8, 12], None)
+
+
+@pytest.mark.parametrize("num_frames", [8, 16, 24])
+def test_frame_order_answer_restores_time_order(num_frames):
+    frames = _frames(num_frames)
+    out = render_task(_sample("video/frame_order"), frames, list(range(num_frames)), np.random.default_rng(num_frames))
+    num_given = 3 * num_frames // 8
+    given = [int(p) for p in out.prompt.split(" are frames ")[1].split(".")[0].split(", ")]
+    answer = [int(p) for p in out.target.split(", ")]
+    assert len(given) == num_given and len(answer) == num_frames - num_given
+    shown = out.frames[:, 0, 0, 0]  # each frame's original time index
+    assert [int(shown[p - 1]) for p in given + answer] == list(range(num_frames))
+    assert not np.array_equal(shown, np.arange(num_frames))  # really shuffled
+    evaluations = [render_task(_sample("video/frame_order"), frames, list(range(num_frames)), None) for _ in range(2)]
+    assert evaluations[0].prompt == evaluations[1].prompt and evaluations[0].target == evaluations[1].target
+
+
+def test_frame_order_through_the_transform_labels_the_answer(processor):
+    video = encode_mp4(render_frames(generate_clip(np.random.default_rng(0))))
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=8))
+    task_input = transform.prepare(_sample("video/frame_order"), video, np.random.default_rng(1))
+    out = transform.training_inputs(task_input)
+    labelled = out["labels"][out["labels"] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(labelled) == task_input.target + "<|im_end|>"
+    assert out["video_grid_thw"][0, 0] == 8  # 8 shuffled frames, each its own temporal step
