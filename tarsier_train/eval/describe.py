@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
-from tarsier_train.eval.event_f1 import EventScore, reference_events, score_description
+from tarsier_train.eval.event_f1 import EventScore, corpus_event_score, reference_events
 
 
 @torch.no_grad()
@@ -29,12 +29,12 @@ def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards:
                       num_frames: int = 8, duplicate_frames: bool = True, max_new_tokens: int = 48) -> EventScore:
     """Corpus event score of the model's descriptions of every clip in the shards."""
     transform = VideoTextTransform(processor, FrameSampler(num_frames=num_frames), duplicate_frames=duplicate_frames)
-    total = EventScore()
     model.eval()
-    for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
-        record = json.loads(raw["json"])
-        sample = canonical_sample(raw["__key__"], record)
-        prompt = transform.generation_inputs(transform.prepare(sample, raw["mp4"]))
-        text = greedy_description(model, processor, prompt, max_new_tokens)
-        total = total.add(score_description(text, reference_events(record)))
-    return total
+
+    def described() -> Iterator[tuple[str, list]]:
+        for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
+            record = json.loads(raw["json"])
+            prompt = transform.generation_inputs(transform.prepare(canonical_sample(raw["__key__"], record), raw["mp4"]))
+            yield greedy_description(model, processor, prompt, max_new_tokens), reference_events(record)
+
+    return corpus_event_score(described())
