@@ -168,3 +168,19 @@ def test_any_local_hf_directory_is_a_model(tmp_path, cache_root, tiny_model_dir)
     missing = run_train([*args, "model.path=/no/such/model", "run_name=missing"], cwd=tmp_path,
                         cache_root=cache_root, check=False)
     assert missing.returncode != 0 and "model.path='/no/such/model' is not a local Hugging Face model" in missing.stderr
+
+
+def test_evaluate_event_f1_scores_every_held_out_clip(two_step_run, cache_root):
+    import webdataset as wds
+
+    from tarsier_train.eval.describe import evaluate_event_f1
+    from tarsier_train.models import load_model, load_processor
+
+    run_dir, _ = two_step_run
+    shards = toyworld_shards(cache_root / "toyworld", ToyWorldSpec(num_train_clips=48, num_val_clips=4))["val"]
+    records = [json.loads(raw["json"]) for raw in
+               wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None)]
+    score = evaluate_event_f1(load_model(str(run_dir / "hf")), load_processor(str(run_dir / "hf")), shards,
+                              max_new_tokens=8)
+    assert score.num_reference == sum(len(r["extra_info"]["events"]) for r in records) > 0
+    assert 0 <= score.num_matched <= min(score.num_predicted, score.num_reference)
