@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import ProcessorMixin
 
 from tarsier_train.data.collate import VideoTextCollator
-from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.records import canonical_sample, video_bytes
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
 from tarsier_train.data.transform import VideoTextTransform
@@ -62,9 +62,10 @@ class VideoShardDataModule(L.LightningDataModule):
         self._progress: StreamProgress | None = None
 
     @staticmethod
-    def make_train_sample(transform: VideoTextTransform, key: str, record: dict, video: bytes,
+    def make_train_sample(transform: VideoTextTransform, key: str, record: dict, members: dict,
                           rng: np.random.Generator | None) -> dict[str, Any]:
-        return transform(canonical_sample(key, record), video, rng)
+        sample = canonical_sample(key, record)
+        return transform(sample, video_bytes(sample, members), rng)
 
     def _source(self, spec: dict[str, Any], index: int) -> tuple[Any, float, VideoTextTransform]:
         """(shards, weight, transform) of a data.sources entry; it may override the frame sampling."""
@@ -83,8 +84,9 @@ class VideoShardDataModule(L.LightningDataModule):
         return [Source(expand_shards(shards), functools.partial(self.make_train_sample, transform), weight)
                 for shards, weight, transform in sources]
 
-    def make_val_sample(self, key: str, record: dict, video: bytes, rng: np.random.Generator | None) -> dict[str, Any]:
-        task_input = self.transform.prepare(canonical_sample(key, record), video, rng)
+    def make_val_sample(self, key: str, record: dict, members: dict, rng: np.random.Generator | None) -> dict[str, Any]:
+        sample = canonical_sample(key, record)
+        task_input = self.transform.prepare(sample, video_bytes(sample, members), rng)
         return {
             "train": self.transform.training_inputs(task_input),
             "generate": self.transform.generation_inputs(task_input),

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from tarsier_train.data.records import canonical_sample
+from tarsier_train.data.records import canonical_sample, video_bytes
 from tarsier_train.data.sampling import FrameSampler
 import tarsier_train.data.stream as stream_module
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
@@ -91,7 +91,7 @@ def test_video_tokens_follow_frame_mode(shards, processor, duplicate, num_frames
 
 def _stream(shards, processor, **kwargs):
     transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
-    return VideoTextStream([Source(shards, lambda k, r, v, g: {"key": k, **transform(canonical_sample(k, r), v, g)})],
+    return VideoTextStream([Source(shards, lambda k, r, m, g: {"key": k, **transform(s := canonical_sample(k, r), video_bytes(s, m), g)})],
                            **kwargs)
 
 
@@ -167,7 +167,7 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
     broken_tar = tmp_path / "broken-000001.tar"
     broken_tar.write_bytes(bad_shard.read_bytes()[:1500])  # cut inside the first member
     transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
-    make = lambda k, r, v, g: {"key": k, **transform(canonical_sample(k, r), v, g)}  # noqa: E731
+    make = lambda k, r, m, g: {"key": k, **transform(s := canonical_sample(k, r), video_bytes(s, m), g)}  # noqa: E731
     out = list(EvalStream([str(bad_shard), str(broken_tar)], make))
     assert [s["key"] for s in out] == ["good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in out] == [0, 2]
@@ -231,7 +231,7 @@ def _tagged(tag):
     return functools.partial(_tag_sample, tag)
 
 
-def _tag_sample(tag, key, record, video, rng):
+def _tag_sample(tag, key, record, members, rng):
     return {"key": f"{tag}/{key}"}
 
 

@@ -280,3 +280,39 @@ def test_stream_takes_shard_sizes_from_the_writer_manifest(tmp_path, monkeypatch
     assert stream_module.shard_sample_counts(shards) == [5]
     monkeypatch.setattr(stream_module, "count_samples", lambda shard: pytest.fail("opened a tar"))
     assert stream_module.shard_sample_counts(shards) == [5]
+
+
+def test_written_shards_train_through_the_loader(tmp_path, processor):
+    """Writer output is loader input: the video member is found from the rewritten video_file."""
+    import itertools
+
+    from tarsier_train.data.records import canonical_sample, video_bytes
+    from tarsier_train.data.sampling import FrameSampler
+    from tarsier_train.data.stream import Source, VideoTextStream
+    from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
+    from tarsier_train.toyworld import generate_clip, render_frames
+
+    media = tmp_path / "media"
+    media.mkdir()
+    lines = []
+    for index in range(3):
+        (media / f"clip{index}.mp4").write_bytes(encode_mp4(render_frames(generate_clip(np.random.default_rng(index)))))
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": [{"type": "video", "video": {"video_file": f"clip{index}.mp4"}},
+                                         {"type": "text", "text": "Describe the video in detail."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"The red circle grows {index}."}]}],
+            "task": "video/caption"}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines))
+    write_shards(tmp_path / "in.jsonl", media, tmp_path / "out", workers=1)
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
+
+    def make(key, record, members, rng):
+        sample = canonical_sample(key, record)
+        return {"target": sample.target, **transform(sample, video_bytes(sample, members), rng)}
+
+    stream = VideoTextStream([Source(sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar")), make)])
+    samples = list(itertools.islice(iter(stream), 3))
+    assert sorted(s["target"] for s in samples) == [f"The red circle grows {i}." for i in range(3)]
+    for s in samples:
+        assert processor.tokenizer.decode(s["labels"][s["labels"] != IGNORE_INDEX]) == s["target"] + "<|im_end|>"
+        assert s["video_grid_thw"][0].tolist() == [4, 8, 8]

@@ -27,3 +27,20 @@ def canonical_sample(key: str, record: dict[str, Any]) -> VideoTextSample:
     prompt = " ".join(item["text"] for item in user["content"] if item.get("type") == "text")
     target = " ".join(item["text"] for item in assistant["content"] if item.get("type") == "text")
     return VideoTextSample(key, prompt, target, videos[0], record)
+
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "gif")
+
+
+def video_bytes(sample: VideoTextSample, members: dict[str, Any]) -> bytes:
+    """The bytes of the sample's video inside its WebDataset sample: the member that `video_file` names
+    (`{key}.mp4` in the toy world, `{key}.0.mp4` from the shard writer), else the sample's only video member."""
+    name = sample.video["video_file"]
+    member = name[len(sample.key) + 1:] if name.startswith(sample.key + ".") else None
+    if member in members:
+        return members[member]
+    videos = [k for k in members if k.rsplit(".", 1)[-1].lower() in VIDEO_EXTENSIONS]
+    if len(videos) == 1:
+        return members[videos[0]]
+    present = sorted(k for k in members if not k.startswith("__"))
+    raise ValueError(f"{sample.key}: no shard member for video_file {name!r} (members: {present})")

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 # What a sample can fail with and still leave the run going: counted, logged, skipped.
 SKIPPABLE = (VideoDecodeError, SampleTooLongError, ValueError, KeyError, json.JSONDecodeError)
 SKIPPED_KEY = "num_skipped"
-# (key, record, video bytes, the sample's random generator in training / None in evaluation) -> sample
-MakeSample = Callable[[str, dict, bytes, "np.random.Generator | None"], dict[str, Any]]
+# (key, record, the WebDataset sample's members, the sample's random generator in training / None in
+# evaluation) -> transformed sample
+MakeSample = Callable[[str, dict, dict, "np.random.Generator | None"], dict[str, Any]]
 # seed tags (see schedule.py): per-sample randomness (e.g. which frames a segment gives), mixture draws
 _SAMPLE_RNG, _SOURCE_DRAW = 3, 4
 # (source, consumer, items of its sequence consumed, mixture draws consumed) once this sample is trained on
@@ -60,7 +61,7 @@ def _transformed(make_sample: MakeSample, key: str, raw: dict[str, Any] | Except
     try:
         if isinstance(raw, Exception):
             raise raw
-        return make_sample(key, json.loads(raw["json"]), raw["mp4"], rng)
+        return make_sample(key, json.loads(raw["json"]), raw, rng)
     except (*SKIPPABLE, RuntimeError) as error:
         log.warning("skipping sample %s: %s", key, error)
         return None
