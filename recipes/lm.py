@@ -16,6 +16,7 @@ from tarsier_train.data.transform import TRUNCATED_KEY
 from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.losses import summed_token_cross_entropy
+from tarsier_train.models.vision import dummy_vision_term
 from tarsier_train.optim import decay_groups
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ class LMRecipe(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", SKIPPED_KEY, TRUNCATED_KEY)}
         logits = self.model(**inputs, use_cache=False).logits
-        return summed_token_cross_entropy(logits, batch["labels"])
+        loss_sum, num_tokens = summed_token_cross_entropy(logits, batch["labels"])
+        if "pixel_values_videos" not in batch:  # text-only: the vision tower must still take part
+            loss_sum = loss_sum + dummy_vision_term(self.model)
+        return loss_sum, num_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, num_tokens = self._loss(batch)

@@ -6,7 +6,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
-from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY
+from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VIDEO_INPUTS
 
 
 class VideoTextCollator:
@@ -20,11 +20,12 @@ class VideoTextCollator:
             "attention_mask": pad_sequence([torch.ones_like(i) for i in input_ids], batch_first=True),
             "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
             "mm_token_type_ids": pad_sequence([s["mm_token_type_ids"] for s in samples], batch_first=True),
-            "pixel_values_videos": torch.cat([s["pixel_values_videos"] for s in samples]),
-            "video_grid_thw": torch.cat([s["video_grid_thw"] for s in samples]),
             SKIPPED_KEY: torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples)),
             TRUNCATED_KEY: torch.tensor(sum(s.get(TRUNCATED_KEY, 0) for s in samples)),
         }
+        for name in VIDEO_INPUTS:  # text-only samples add none; the model matches video tokens in order
+            if any(name in s for s in samples):
+                batch[name] = torch.cat([s[name] for s in samples if name in s])
         if POSITION_KEY in samples[0]:
             batch[POSITION_KEY] = torch.tensor([s[POSITION_KEY] for s in samples])
         return batch

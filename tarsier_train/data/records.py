@@ -11,7 +11,7 @@ class VideoTextSample:
     key: str
     prompt: str
     target: str
-    video: dict[str, Any]  # the record's video item: video_file plus optional frame/time selection
+    video: dict[str, Any] | None  # the record's video item (video_file, optional frame/time selection); None: text-only
     record: dict[str, Any]
 
 
@@ -22,19 +22,22 @@ def canonical_sample(key: str, record: dict[str, Any]) -> VideoTextSample:
         raise ValueError(f"{key}: record needs 'messages' with a user and an assistant turn")
     user, assistant = messages[0], messages[-1]
     videos = [item["video"] for item in user["content"] if item.get("type") == "video"]
-    if len(videos) != 1:
-        raise ValueError(f"{key}: expected one video item in the user turn, found {len(videos)}")
+    if len(videos) > 1:
+        raise ValueError(f"{key}: {len(videos)} video items in the user turn; one (or none, text-only) is supported")
     prompt = " ".join(item["text"] for item in user["content"] if item.get("type") == "text")
     target = " ".join(item["text"] for item in assistant["content"] if item.get("type") == "text")
-    return VideoTextSample(key, prompt, target, videos[0], record)
+    return VideoTextSample(key, prompt, target, videos[0] if videos else None, record)
 
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "gif")
 
 
-def video_bytes(sample: VideoTextSample, members: dict[str, Any]) -> bytes:
+def video_bytes(sample: VideoTextSample, members: dict[str, Any]) -> bytes | None:
     """The bytes of the sample's video inside its WebDataset sample: the member that `video_file` names
-    (`{key}.mp4` in the toy world, `{key}.0.mp4` from the shard writer), else the sample's only video member."""
+    (`{key}.mp4` in the toy world, `{key}.0.mp4` from the shard writer), else the sample's only video member;
+    None for a text-only sample."""
+    if sample.video is None:
+        return None
     name = sample.video["video_file"]
     member = name[len(sample.key) + 1:] if name.startswith(sample.key + ".") else None
     if member in members:

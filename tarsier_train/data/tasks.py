@@ -28,10 +28,10 @@ class TaskInput:
     key: str
     prompt: str
     target: str
-    frames: np.ndarray  # sampled frames in the order the model sees them (T, H, W, 3)
+    frames: np.ndarray | None  # sampled frames in the order the model sees them (T, H, W, 3); None: text-only
 
 
-def as_written(sample: VideoTextSample, frames: np.ndarray, indices: Sequence[int],
+def as_written(sample: VideoTextSample, frames: np.ndarray | None, indices: Sequence[int],
                rng: np.random.Generator) -> TaskInput:
     prompt = sample.prompt or DEFAULT_PROMPTS.get(sample.record.get("task", ""), DEFAULT_PROMPTS["video/caption"])
     return TaskInput(sample.key, prompt, sample.target, frames)
@@ -69,7 +69,7 @@ TEMPLATES: dict[str, Callable[..., TaskInput]] = {
 }
 
 
-def render_task(sample: VideoTextSample, frames: np.ndarray, indices: Sequence[int],
+def render_task(sample: VideoTextSample, frames: np.ndarray | None, indices: Sequence[int],
                 rng: np.random.Generator | None) -> TaskInput:
     """rng is the sample's generator in training; evaluation derives a fixed one from the key."""
     rng = rng if rng is not None else np.random.default_rng(zlib.crc32(sample.key.encode()))

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 TRUNCATED_KEY = "num_truncated"
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")  # absent for text-only samples
 
 
 class SampleTooLongError(ValueError):
@@ -62,9 +63,11 @@ class VideoTextTransform:
         )
         return frames, indices
 
-    def prepare(self, sample: VideoTextSample, video_bytes: bytes,
+    def prepare(self, sample: VideoTextSample, video_bytes: bytes | None,
                 rng: np.random.Generator | None = None) -> TaskInput:
         """Decode, sample frames, and let the record's task make the prompt and target."""
+        if sample.video is None:
+            return render_task(sample, None, [], rng)
         frames, indices = self.sample_frames(sample, video_bytes, rng)
         return render_task(sample, frames, indices, rng)
 
@@ -77,20 +80,21 @@ class VideoTextTransform:
         return frames
 
     def messages(self, task_input: TaskInput, with_target: bool) -> list[dict[str, Any]]:
-        video = self.processor_frames(task_input.frames)
-        user = {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": task_input.prompt}]}
+        content = [{"type": "text", "text": task_input.prompt}]
+        if task_input.frames is not None:
+            content.insert(0, {"type": "video", "video": self.processor_frames(task_input.frames)})
+        user = {"role": "user", "content": content}
         if not with_target:
             return [user]
         return [user, {"role": "assistant", "content": [{"type": "text", "text": task_input.target}]}]
 
     def _encode(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, torch.Tensor]:
-        frames = messages[0]["content"][0]["video"]
-        return self.processor.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_tensors="pt",
-            # frames were sampled above: the processor must not resample them; our budget replaces its cap
-            processor_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": False,
-                              "size": self.frame_pixel_bounds(len(frames))}, **kwargs,
-        )
+        videos = [item["video"] for item in messages[0]["content"] if item["type"] == "video"]
+        # frames were sampled above: the processor must not resample them; our budget replaces its cap
+        video_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False,
+                        "size": self.frame_pixel_bounds(len(videos[0]))} if videos else {}
+        return self.processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                                  processor_kwargs=video_kwargs, **kwargs)
 
     def __call__(self, sample: VideoTextSample, video_bytes: bytes,
                  rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -105,8 +109,8 @@ class VideoTextTransform:
         truncated = len(input_ids) > self.max_seq_len
         if truncated:
             inputs = self._truncated(task_input.key, inputs)
-        return {**inputs, "pixel_values_videos": encoded["pixel_values_videos"],
-                "video_grid_thw": encoded["video_grid_thw"], TRUNCATED_KEY: int(truncated)}
+        visual = {k: encoded[k] for k in VIDEO_INPUTS if k in encoded}
+        return {**inputs, **visual, TRUNCATED_KEY: int(truncated)}
 
     def _truncated(self, key: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Cut the text after the video to max_seq_len; a cut inside the visual tokens would desynchronise
