@@ -54,21 +54,15 @@ class VideoTextTransform:
             upper = min(upper, self.total_pixels // num_frames)
         return {"shortest_edge": lower, "longest_edge": max(lower, upper)}
 
-    def sample_frames(self, sample: VideoTextSample, video_bytes: bytes,
-                      rng: np.random.Generator | None = None) -> tuple[np.ndarray, list[int]]:
-        """(sampled frames, the video's frame indices they come from); rng only in training."""
+    def prepare(self, sample: VideoTextSample, video_bytes: bytes | None,
+                rng: np.random.Generator | None = None) -> TaskInput:
+        """Decode the sampled frames (rng only in training) and let the record's task make prompt and target."""
+        if sample.video is None:
+            return render_task(sample, None, [], rng)
         frames, indices, _ = read_frames(
             video_bytes, lambda num_frames, fps: self.sampler.indices(sample.video, num_frames, fps, rng),
             self.video_backend, self.decode_timeout_s,
         )
-        return frames, indices
-
-    def prepare(self, sample: VideoTextSample, video_bytes: bytes | None,
-                rng: np.random.Generator | None = None) -> TaskInput:
-        """Decode, sample frames, and let the record's task make the prompt and target."""
-        if sample.video is None:
-            return render_task(sample, None, [], rng)
-        frames, indices = self.sample_frames(sample, video_bytes, rng)
         return render_task(sample, frames, indices, rng)
 
     def processor_frames(self, frames: np.ndarray) -> np.ndarray:
