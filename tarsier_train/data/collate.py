@@ -6,7 +6,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
-from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VIDEO_INPUTS
+from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS
 
 
 class VideoTextCollator:
@@ -23,7 +23,7 @@ class VideoTextCollator:
             SKIPPED_KEY: torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples)),
             TRUNCATED_KEY: torch.tensor(sum(s.get(TRUNCATED_KEY, 0) for s in samples)),
         }
-        for name in VIDEO_INPUTS:  # text-only samples add none; the model matches video tokens in order
+        for name in VISUAL_INPUTS:  # text-only samples add none; the model matches visual tokens in order
             if any(name in s for s in samples):
                 batch[name] = torch.cat([s[name] for s in samples if name in s])
         if POSITION_KEY in samples[0]:

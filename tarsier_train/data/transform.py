@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 TRUNCATED_KEY = "num_truncated"
-VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")  # absent for text-only samples
+# absent when a sample has no such media; second_per_grid_ts: Qwen2.5-VL only
+VISUAL_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "pixel_values", "image_grid_thw")
 
 
 class SampleTooLongError(ValueError):
@@ -103,7 +104,7 @@ class VideoTextTransform:
         truncated = len(input_ids) > self.max_seq_len
         if truncated:
             inputs = self._truncated(task_input.key, inputs)
-        visual = {k: encoded[k] for k in VIDEO_INPUTS if k in encoded}
+        visual = {k: encoded[k] for k in VISUAL_INPUTS if k in encoded}
         return {**inputs, **visual, TRUNCATED_KEY: int(truncated)}
 
     def _truncated(self, key: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
