@@ -90,7 +90,7 @@ def padding_cost(cache: Path, rounds: int) -> tuple[float, float]:
     samples = []
     for index, raw in enumerate(wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None)):
         transform = VideoTextTransform(processor, FrameSampler(num_frames=(4, 8, 16)[index % 3]))
-        samples.append(transform(canonical_sample(raw["__key__"], json.loads(raw["json"])), raw["mp4"]))
+        samples.append(transform(canonical_sample(raw["__key__"], json.loads(raw["json"])), [raw["mp4"]]))
     collate = VideoTextCollator(processor.tokenizer.pad_token_id)
     batch = collate(samples)
     pad_share = 1 - batch["attention_mask"].sum().item() / batch["attention_mask"].numel()

@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import ProcessorMixin
 
 from tarsier_train.data.collate import VideoTextCollator
-from tarsier_train.data.records import canonical_sample, video_bytes
+from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
+from tarsier_train.data.tasks import TASK_NAMES
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.data.video import VideoBackendName
 from tarsier_train.eval.event_f1 import reference_events
@@ -30,17 +31,23 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return shards
 
 
-SOURCE_KEYS = {"shards", "weight", "num_frames", "frame_sampling"}
+SOURCE_KEYS = {"shards", "weight", "task", "num_frames", "frame_sampling"}
 
 
 def _frame_counts(value: int | list[int]) -> int | tuple[int, ...]:
     return value if isinstance(value, int) else tuple(value)
 
 
+def _checked_task(task: str | None, key: str) -> str | None:
+    if task is not None and task not in TASK_NAMES:
+        raise ValueError(f"{key}={task!r}: allowed values are null (each record's own task), {', '.join(TASK_NAMES)}")
+    return task
+
+
 class VideoShardDataModule(L.LightningDataModule):
     def __init__(self, processor: ProcessorMixin, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, sources: list[dict[str, Any]] | None = None,
-                 batch_size: int = 8, num_workers: int = 1,
+                 task: str | None = None, batch_size: int = 8, num_workers: int = 1,
                  num_frames: int | list[int] = 8, frame_sampling: SamplingMode = "uniform", target_fps: float = 2.0,
                  max_n_frames: int = 128, duplicate_frames: bool = True, max_seq_len: int = 16384,
                  min_pixels: int | None = None, max_pixels: int | None = None, total_pixels: int | None = None,
@@ -51,7 +58,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self.transform = VideoTextTransform(processor, sampler, duplicate_frames, max_seq_len, min_pixels,
                                             max_pixels, total_pixels, video_backend, decode_timeout_s)
         self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
-        self.train_shards, self.val_shards = train_shards, val_shards
+        self.train_shards, self.val_shards, self.task = train_shards, val_shards, _checked_task(task, "data.task")
         # Built here, so a bad source fails with the config, before any compute.
         self.sources = [self._source(dict(spec), index) for index, spec in enumerate(sources or [])]
         if self.sources and train_shards:
@@ -62,13 +69,14 @@ class VideoShardDataModule(L.LightningDataModule):
         self._progress: StreamProgress | None = None
 
     @staticmethod
-    def make_train_sample(transform: VideoTextTransform, key: str, record: dict, members: dict,
+    def make_train_sample(transform: VideoTextTransform, task: str | None, key: str, record: dict, members: dict,
                           rng: np.random.Generator | None) -> dict[str, Any]:
-        sample = canonical_sample(key, record)
-        return transform(sample, video_bytes(sample, members), rng)
+        sample = canonical_sample(key, record, task)
+        return transform(sample, media_bytes(sample, members), rng)
 
-    def _source(self, spec: dict[str, Any], index: int) -> tuple[Any, float, VideoTextTransform]:
-        """(shards, weight, transform) of a data.sources entry; it may override the frame sampling."""
+    def _source(self, spec: dict[str, Any], index: int) -> tuple[Any, float, str | None, VideoTextTransform]:
+        """(shards, weight, task, transform) of a data.sources entry; it may override the task (e.g. train
+        a captioning source as grounding or frame-order prediction) and the frame sampling."""
         unknown = sorted(set(spec) - SOURCE_KEYS)
         if unknown or "shards" not in spec:
             raise ValueError(f"data.sources[{index}]: unknown keys {unknown} or no 'shards' "
@@ -76,17 +84,19 @@ class VideoShardDataModule(L.LightningDataModule):
         sampler = self.transform.sampler
         sampler = dataclasses.replace(sampler, mode=spec.get("frame_sampling", sampler.mode),
                                       num_frames=_frame_counts(spec.get("num_frames", sampler.num_frames)))
-        return spec["shards"], float(spec.get("weight", 1.0)), dataclasses.replace(self.transform, sampler=sampler)
+        task = _checked_task(spec.get("task", self.task), f"data.sources[{index}].task")
+        return (spec["shards"], float(spec.get("weight", 1.0)), task,
+                dataclasses.replace(self.transform, sampler=sampler))
 
     def train_sources(self) -> list[Source]:
         """data.sources, or data.train_shards as a single source."""
-        sources = self.sources or [(self.train_shards, 1.0, self.transform)]
-        return [Source(expand_shards(shards), functools.partial(self.make_train_sample, transform), weight)
-                for shards, weight, transform in sources]
+        sources = self.sources or [(self.train_shards, 1.0, self.task, self.transform)]
+        return [Source(expand_shards(shards), functools.partial(self.make_train_sample, transform, task), weight)
+                for shards, weight, task, transform in sources]
 
     def make_val_sample(self, key: str, record: dict, members: dict, rng: np.random.Generator | None) -> dict[str, Any]:
-        sample = canonical_sample(key, record)
-        task_input = self.transform.prepare(sample, video_bytes(sample, members), rng)
+        sample = canonical_sample(key, record, self.task)
+        task_input = self.transform.prepare(sample, media_bytes(sample, members), rng)
         return {
             "train": self.transform.training_inputs(task_input),
             "generate": self.transform.generation_inputs(task_input),

@@ -43,7 +43,7 @@ class LMRecipe(L.LightningModule):
         inputs = {k: v for k, v in batch.items() if k not in ("labels", SKIPPED_KEY, TRUNCATED_KEY)}
         logits = self.model(**inputs, use_cache=False).logits
         loss_sum, num_tokens = summed_token_cross_entropy(logits, batch["labels"])
-        if "pixel_values_videos" not in batch:  # text-only: the vision tower must still take part
+        if not {"pixel_values_videos", "pixel_values"} & batch.keys():  # text-only: the vision tower must still take part
             loss_sum = loss_sum + dummy_vision_term(self.model)
         return loss_sum, num_tokens
 

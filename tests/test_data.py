@@ -2,6 +2,7 @@ import functools
 import importlib.util
 import itertools
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from tarsier_train.data.records import canonical_sample, video_bytes
+from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 import tarsier_train.data.stream as stream_module
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
@@ -63,7 +64,7 @@ def test_generation_is_cached(shards, tmp_path):
 
 def _first_sample(shards):
     raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
-    return canonical_sample(raw["__key__"], json.loads(raw["json"])), raw["mp4"]
+    return canonical_sample(raw["__key__"], json.loads(raw["json"])), [raw["mp4"]]
 
 
 def test_labels_are_exactly_the_assistant_tokens(shards, processor):
@@ -91,7 +92,7 @@ def test_video_tokens_follow_frame_mode(shards, processor, duplicate, num_frames
 
 def _stream(shards, processor, **kwargs):
     transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
-    return VideoTextStream([Source(shards, lambda k, r, m, g: {"key": k, **transform(s := canonical_sample(k, r), video_bytes(s, m), g)})],
+    return VideoTextStream([Source(shards, lambda k, r, m, g: {"key": k, **transform(s := canonical_sample(k, r), media_bytes(s, m), g)})],
                            **kwargs)
 
 
@@ -167,7 +168,7 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(shards, processor, t
     broken_tar = tmp_path / "broken-000001.tar"
     broken_tar.write_bytes(bad_shard.read_bytes()[:1500])  # cut inside the first member
     transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
-    make = lambda k, r, m, g: {"key": k, **transform(s := canonical_sample(k, r), video_bytes(s, m), g)}  # noqa: E731
+    make = lambda k, r, m, g: {"key": k, **transform(s := canonical_sample(k, r), media_bytes(s, m), g)}  # noqa: E731
     out = list(EvalStream([str(bad_shard), str(broken_tar)], make))
     assert [s["key"] for s in out] == ["good_a", "good_b"]
     assert [s[SKIPPED_KEY] for s in out] == [0, 2]
@@ -308,3 +309,26 @@ def test_bad_mixture_sources_fail_when_the_datamodule_is_built(processor):
         VideoShardDataModule(processor, sources=[{"shards": "a", "frame_sampling": "random"}])
     with pytest.raises(ValueError, match="not both"):
         VideoShardDataModule(processor, train_shards="x", sources=[{"shards": "a"}])
+    with pytest.raises(ValueError, match=r"data.sources\[0\].task='video/grounded': allowed values are null"):
+        VideoShardDataModule(processor, sources=[{"shards": "a", "task": "video/grounded"}])
+    with pytest.raises(ValueError, match=r"data.task='caption': allowed values"):
+        VideoShardDataModule(processor, train_shards="x", task="caption")
+
+
+def test_a_source_can_train_captions_as_another_task(two_sources, processor):
+    """One toy-world source as written, the same kind of shards as frame-order prediction."""
+    from datamodules.video_shards import VideoShardDataModule
+
+    a, b = two_sources
+    datamodule = VideoShardDataModule(processor, sources=[{"shards": a}, {"shards": b, "task": "video/frame_order"}],
+                                      task="video/grounding", num_frames=8)
+    first, second = datamodule.train_sources()
+    decode = processor.tokenizer.decode
+
+    def target(source, shard):
+        raw = next(iter(wds.WebDataset(shard[:1], shardshuffle=False, nodesplitter=None, workersplitter=None)))
+        sample = source.make_sample(raw["__key__"], json.loads(raw["json"]), raw, np.random.default_rng(0))
+        return decode(sample["labels"][sample["labels"] != IGNORE_INDEX])
+
+    assert target(first, a).startswith("<frame: 1-")  # data.task applies to sources without their own
+    assert re.fullmatch(r"(\d+, ){4}\d+<\|im_end\|>", target(second, b))  # 8 frames: 3 given, 5 asked

@@ -36,12 +36,12 @@ def _vision_grads(recipe):
 
 def test_text_only_and_mixed_batches_train_with_every_vision_parameter(tiny_model_dir, processor):
     transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
-    text_only = transform(canonical_sample("t", _record(False)), None)
+    text_only = transform(canonical_sample("t", _record(False)), [])
     assert "pixel_values_videos" not in text_only and (text_only["mm_token_type_ids"] == 0).all()
     assert processor.tokenizer.decode(text_only["labels"][text_only["labels"] != IGNORE_INDEX]) == \
         "The red circle grows.<|im_end|>"
     video = encode_mp4(render_frames(generate_clip(np.random.default_rng(0))))
-    with_video = transform(canonical_sample("k", _record(True)), video)
+    with_video = transform(canonical_sample("k", _record(True)), [video])
     collate = VideoTextCollator(processor.tokenizer.pad_token_id)
 
     recipe = _recipe(tiny_model_dir, processor)

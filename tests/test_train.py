@@ -78,7 +78,7 @@ def test_hf_export_reloads_and_generates(two_step_run, cache_root):
     raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
     sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))
     transform = VideoTextTransform(processor, FrameSampler(num_frames=8))
-    inputs = transform.generation_inputs(transform.prepare(sample, raw["mp4"]))
+    inputs = transform.generation_inputs(transform.prepare(sample, [raw["mp4"]]))
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
 

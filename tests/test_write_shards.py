@@ -286,7 +286,7 @@ def test_written_shards_train_through_the_loader(tmp_path, processor):
     """Writer output is loader input: the video member is found from the rewritten video_file."""
     import itertools
 
-    from tarsier_train.data.records import canonical_sample, video_bytes
+    from tarsier_train.data.records import canonical_sample, media_bytes
     from tarsier_train.data.sampling import FrameSampler
     from tarsier_train.data.stream import Source, VideoTextStream
     from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
@@ -308,7 +308,7 @@ def test_written_shards_train_through_the_loader(tmp_path, processor):
 
     def make(key, record, members, rng):
         sample = canonical_sample(key, record)
-        return {"target": sample.target, **transform(sample, video_bytes(sample, members), rng)}
+        return {"target": sample.target, **transform(sample, media_bytes(sample, members), rng)}
 
     stream = VideoTextStream([Source(sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar")), make)])
     samples = list(itertools.islice(iter(stream), 3))
@@ -316,3 +316,27 @@ def test_written_shards_train_through_the_loader(tmp_path, processor):
     for s in samples:
         assert processor.tokenizer.decode(s["labels"][s["labels"] != IGNORE_INDEX]) == s["target"] + "<|im_end|>"
         assert s["video_grid_thw"][0].tolist() == [4, 8, 8]
+
+
+# line -> (video temporal steps, number of images) once the loader has decoded it with 4-frame uniform sampling
+LOADED_SHAPES = {1: ([4], 0), 2: ([4], 0), 3: ([4], 0), 4: ([2], 0), 5: ([4], 0), 6: ([], 1), 7: ([], 1),
+                 9: ([], 3), 10: ([], 0), 11: ([4], 0)}
+
+
+def test_every_written_variant_loads_with_the_frames_it_selects(written, processor):
+    """Each writer output (video selections, images, gif as image and as video, multi-image, text-only)
+    goes through the loader's source and model transforms with the media its record names."""
+    from tarsier_train.data.records import canonical_sample, media_bytes
+    from tarsier_train.data.sampling import FrameSampler
+    from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
+
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
+    for raw in _samples(*written):
+        line = int(raw["__key__"])
+        sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))
+        out = transform(sample, media_bytes(sample, raw))
+        steps, num_images = LOADED_SHAPES[line]
+        assert out.get("video_grid_thw", np.zeros((0, 3), int))[:, 0].tolist() == steps, line
+        assert len(out.get("image_grid_thw", [])) == num_images, line
+        assert (out["mm_token_type_ids"] == 1).any() == (num_images > 0), line
+        assert processor.tokenizer.decode(out["labels"][out["labels"] != IGNORE_INDEX]) == "An answer.<|im_end|>"

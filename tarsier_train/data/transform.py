@@ -1,19 +1,21 @@
-"""Model transform: canonical sample + video bytes -> Qwen2-VL inputs with assistant-only labels."""
+"""Model transform: canonical sample + media bytes -> Qwen2-VL inputs with assistant-only labels."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import ProcessorMixin
+from transformers.video_utils import VideoMetadata
 
 from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.sampling import FrameSampler
-from tarsier_train.data.tasks import TaskInput, render_task
-from tarsier_train.data.video import VideoBackendName, check_backend, read_frames
+from tarsier_train.data.tasks import TaskInput, Visual, render_task
+from tarsier_train.data.video import VideoBackendName, check_backend, decode_image, read_frames, seconds_between
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -55,16 +57,21 @@ class VideoTextTransform:
             upper = min(upper, self.total_pixels // num_frames)
         return {"shortest_edge": lower, "longest_edge": max(lower, upper)}
 
-    def prepare(self, sample: VideoTextSample, video_bytes: bytes | None,
+    def prepare(self, sample: VideoTextSample, media: Sequence[bytes],
                 rng: np.random.Generator | None = None) -> TaskInput:
-        """Decode the sampled frames (rng only in training) and let the record's task make prompt and target."""
-        if sample.video is None:
-            return render_task(sample, None, [], rng)
-        frames, indices, _ = read_frames(
-            video_bytes, lambda num_frames, fps: self.sampler.indices(sample.video, num_frames, fps, rng),
-            self.video_backend, self.decode_timeout_s,
-        )
-        return render_task(sample, frames, indices, rng)
+        """Decode each media item (a video's sampled frames; rng only in training) and let the record's
+        task make prompt and target."""
+        visuals, indices = [], []
+        for item, data in zip(sample.media, media, strict=True):
+            if item["type"] == "image":
+                visuals.append(Visual("image", decode_image(data)))
+                continue
+            frames, indices, fps = read_frames(
+                data, lambda num_frames, fps: self.sampler.indices(item["video"], num_frames, fps, rng),
+                self.video_backend, self.decode_timeout_s,
+            )
+            visuals.append(Visual("video", frames, seconds_between(indices, fps)))
+        return render_task(sample, tuple(visuals), indices, rng)
 
     def processor_frames(self, frames: np.ndarray) -> np.ndarray:
         """Frames as the ViT takes them: each duplicated (Tarsier2), or paired with an even count (native)."""
@@ -75,29 +82,41 @@ class VideoTextTransform:
         return frames
 
     def messages(self, task_input: TaskInput, with_target: bool) -> list[dict[str, Any]]:
-        content = [{"type": "text", "text": task_input.prompt}]
-        if task_input.frames is not None:
-            content.insert(0, {"type": "video", "video": self.processor_frames(task_input.frames)})
-        user = {"role": "user", "content": content}
+        content = [{"type": visual.kind, visual.kind: self.processor_frames(visual.pixels)
+                    if visual.kind == "video" else visual.pixels} for visual in task_input.visuals]
+        user = {"role": "user", "content": [*content, {"type": "text", "text": task_input.prompt}]}
         if not with_target:
             return [user]
         return [user, {"role": "assistant", "content": [{"type": "text", "text": task_input.target}]}]
 
-    def _encode(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, torch.Tensor]:
-        videos = [item["video"] for item in messages[0]["content"] if item["type"] == "video"]
-        # frames were sampled above: the processor must not resample them; our budget replaces its cap
-        video_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False,
-                        "size": self.frame_pixel_bounds(len(videos[0]))} if videos else {}
+    def _encode(self, task_input: TaskInput, with_target: bool, **kwargs: Any) -> dict[str, torch.Tensor]:
+        messages = self.messages(task_input, with_target)
+        videos = [visual for visual in task_input.visuals if visual.kind == "video"]
+        processor_kwargs = {}
+        if videos:
+            # Frames were sampled above: the processor must not resample them; our budget replaces its cap.
+            # The metadata makes Qwen2.5-VL's temporal spacing (second_per_grid_ts) the sampled one:
+            # a temporal step holds 2 frames fed, i.e. one sampled frame (duplicated) or two (native).
+            fed_per_sampled = 2 if self.duplicate_frames else 1
+            metadata = [VideoMetadata(total_num_frames=1, fps=fed_per_sampled / v.seconds_per_frame,
+                                      frames_indices=[0]) for v in videos]
+            processor_kwargs["videos_kwargs"] = {
+                "do_sample_frames": False, "cap_pixels_per_frame": False, "video_metadata": metadata,
+                "size": self.frame_pixel_bounds(max(len(item["video"]) for item in messages[0]["content"]
+                                                    if item["type"] == "video")),
+            }
+        if len(videos) < len(task_input.visuals) and (self.min_pixels or self.max_pixels):
+            processor_kwargs["images_kwargs"] = {"size": self.frame_pixel_bounds(1)}
         return self.processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
-                                                  processor_kwargs=video_kwargs, **kwargs)
+                                                  processor_kwargs=processor_kwargs, **kwargs)
 
-    def __call__(self, sample: VideoTextSample, video_bytes: bytes,
+    def __call__(self, sample: VideoTextSample, media: Sequence[bytes],
                  rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-        return self.training_inputs(self.prepare(sample, video_bytes, rng))
+        return self.training_inputs(self.prepare(sample, media, rng))
 
     def training_inputs(self, task_input: TaskInput) -> dict[str, torch.Tensor]:
         """Prompt + target, with labels on the assistant tokens only, cut to max_seq_len after the video."""
-        encoded = self._encode(self.messages(task_input, with_target=True), return_assistant_tokens_mask=True)
+        encoded = self._encode(task_input, with_target=True, return_assistant_tokens_mask=True)
         input_ids = encoded["input_ids"][0]
         labels = torch.where(encoded["assistant_masks"][0].bool(), input_ids, IGNORE_INDEX)
         inputs = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": encoded["mm_token_type_ids"][0]}
@@ -122,4 +141,4 @@ class VideoTextTransform:
 
     def generation_inputs(self, task_input: TaskInput) -> dict[str, torch.Tensor]:
         """The prompt alone (batch of one), ending with the assistant header, ready for `generate`."""
-        return dict(self._encode(self.messages(task_input, with_target=False), add_generation_prompt=True))
+        return dict(self._encode(task_input, with_target=False, add_generation_prompt=True))

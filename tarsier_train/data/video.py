@@ -1,7 +1,7 @@
-"""Video bytes <-> frames. Decoders sit behind one interface that reads only the frames a sampler
+"""Media bytes <-> pixels. Video decoders sit behind one interface that reads only the frames a sampler
 asks for, within a time limit: PyAV (pure pip, the default) decodes sequentially and converts only the
 wanted frames; decord and torchcodec seek. An optional backend that is not installed fails with its
-install hint before training, not mid-run."""
+install hint before training, not mid-run. Images decode with Pillow."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from typing import Literal
 
 import av
 import numpy as np
+from PIL import Image
 
 DEFAULT_FPS = 25.0  # for containers that state no frame rate
 
 
 class VideoDecodeError(ValueError):
-    """A video that cannot be decoded; loaders skip and count such samples."""
+    """A video or image that cannot be decoded; loaders skip and count such samples."""
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 18) -> bytes:
@@ -139,3 +140,19 @@ def _read_torchcodec(data: bytes, choose: ChooseFrames) -> tuple[np.ndarray, lis
 def decode_video(data: bytes) -> np.ndarray:
     """Every frame of a video, as uint8 (T, H, W, 3) RGB (PyAV)."""
     return read_frames(data, lambda num_frames, fps: list(range(num_frames)))[0]
+
+
+def seconds_between(indices: list[int], fps: float) -> float:
+    """Mean time between consecutive sampled frames (one frame's duration for a single frame)."""
+    if len(indices) < 2:
+        return 1.0 / fps
+    return (max(indices) - min(indices)) / (len(indices) - 1) / fps
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An image (jpg, png, or a gif's first frame) as uint8 (H, W, 3) RGB; VideoDecodeError when unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise VideoDecodeError(f"unreadable image: {error}") from error

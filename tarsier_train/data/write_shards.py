@@ -26,13 +26,12 @@ import av
 import webdataset as wds
 from PIL import Image
 
-from tarsier_train.data.records import VIDEO_EXTENSIONS
+from tarsier_train.data.records import IMAGE_EXTENSIONS, MEDIA_FILE_KEY, VIDEO_EXTENSIONS
 
 SHARD_PATTERN = "shard-%06d.tar"
 BYTES_PER_MB = 1024 * 1024
 MAX_REJECT_CHARS = 500
-MEDIA_FILE_KEY = {"video": "video_file", "image": "image_file"}
-SUPPORTED_EXTENSIONS = {"video": set(VIDEO_EXTENSIONS), "image": {"jpg", "jpeg", "png", "gif"}}
+SUPPORTED_EXTENSIONS = {"video": set(VIDEO_EXTENSIONS), "image": set(IMAGE_EXTENSIONS)}
 TRANSCODE_CRF, TRANSCODE_PRESET = "18", "medium"  # visually lossless; training decodes many times, encodes once
 FUTURES_PER_WORKER = 4  # bounds parent memory: results hold media bytes until written in order
 # Fixed tar mtime so identical input gives byte-identical shards (reproducible builds).

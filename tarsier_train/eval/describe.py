@@ -9,7 +9,7 @@ import torch
 import webdataset as wds
 from transformers import PreTrainedModel, ProcessorMixin
 
-from tarsier_train.data.records import canonical_sample, video_bytes
+from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.eval.event_f1 import EventScore, corpus_event_score, reference_events
@@ -35,7 +35,7 @@ def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards:
         for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
             record = json.loads(raw["json"])
             sample = canonical_sample(raw["__key__"], record)
-            prompt = transform.generation_inputs(transform.prepare(sample, video_bytes(sample, raw)))
+            prompt = transform.generation_inputs(transform.prepare(sample, media_bytes(sample, raw)))
             yield greedy_description(model, processor, prompt, max_new_tokens), reference_events(record)
 
     return corpus_event_score(described())
