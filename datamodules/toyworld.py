@@ -7,10 +7,14 @@ from typing import Any
 from transformers import ProcessorMixin
 
 from datamodules.video_shards import VideoShardDataModule
-from tarsier_train.toyworld import ToyWorldSpec, ensure_toyworld, toyworld_shards
+from tarsier_train.toyworld import ToyWorldSpec, ensure_derived, ensure_toyworld, toyworld_shards
+from tarsier_train.toyworld.tasks import DERIVED_KINDS
 
 
 class ToyWorldDataModule(VideoShardDataModule):
+    """data.sources entries may name toy-world shard sets instead of paths: `train` (captions, with events
+    and boxes for grounding / frame-order / tracking overrides) or a derived set (qa, image, text)."""
+
     def __init__(self, processor: ProcessorMixin, root: str, num_train_clips: int = 2000,
                  num_val_clips: int = 32, clip_frames: int = 16, frame_size: int = 112, max_events: int = 3,
                  world_seed: int = 0, **loader: Any):
@@ -21,7 +25,18 @@ class ToyWorldDataModule(VideoShardDataModule):
 
     def prepare_data(self) -> None:
         ensure_toyworld(self.root, self.spec)
+        for shards, *_ in self.sources:
+            if shards in DERIVED_KINDS:
+                ensure_derived(self.root, self.spec, shards)
 
     def setup(self, stage: str) -> None:
         shards = toyworld_shards(self.root, self.spec)  # cached by prepare_data: only reads the manifest
         self.train_shards, self.val_shards = shards["train"], shards["val"]
+        self.sources = [(self._named(source_shards), *rest) for source_shards, *rest in self.sources]
+
+    def _named(self, shards: Any) -> Any:
+        if shards == "train":
+            return self.train_shards
+        if isinstance(shards, str) and shards in DERIVED_KINDS:
+            return ensure_derived(self.root, self.spec, shards)
+        return shards

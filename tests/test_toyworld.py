@@ -65,3 +65,58 @@ def test_grounded_description_uses_positions_of_sampled_frames():
     text = describe_grounded(clip.events, sampled)
     seen_first = [i + 1 for i, f in enumerate(sampled) if first.start <= f <= first.end]
     assert text.startswith(f"<frame: {seen_first[0]}-{seen_first[-1]}> The {clip.colour} {clip.shape} {first.action}.")
+
+
+def test_tracking_boxes_enclose_the_rendered_object():
+    from tarsier_train.toyworld.shards import tracking_boxes
+
+    for clip in _clips(2, 20):
+        frames, boxes = render_frames(clip, 112), tracking_boxes(clip, 112)
+        for t, frame in enumerate(frames):
+            pixels = _object_pixels(frame, clip.colour)
+            assert (str(t) in boxes) == (len(pixels) > 0)
+            if len(pixels):
+                x1, y1, x2, y2 = np.array(boxes[str(t)]) * 112
+                (top, left), (bottom, right) = pixels.min(0), pixels.max(0)
+                assert x1 - 1 <= left and right <= x2 + 1 and y1 - 1 <= top and bottom <= y2 + 1
+                assert right - left >= 0.5 * (x2 - x1)  # tight: the shape fills most of its box
+
+
+def test_derived_task_shards_share_the_caption_clips(tmp_path, processor):
+    """QA/MCQA reuse each clip's video, images show its object, text-only questions read its description;
+    every derived sample goes through the loader's transforms."""
+    import json
+
+    import webdataset as wds
+
+    from tarsier_train.data.records import canonical_sample, media_bytes
+    from tarsier_train.data.sampling import FrameSampler
+    from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
+    from tarsier_train.toyworld import ToyWorldSpec, ensure_derived, toyworld_shards
+
+    spec = ToyWorldSpec(num_train_clips=4, num_val_clips=1)
+
+    def read(shards):
+        return list(wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None))
+
+    captions = read(toyworld_shards(tmp_path, spec)["train"])
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=4))
+    derived = {kind: read(ensure_derived(tmp_path, spec, kind)) for kind in ("qa", "image", "text")}
+    assert ensure_derived(tmp_path, spec, "qa") == ensure_derived(tmp_path, spec, "qa")  # cached
+    for kind, samples in derived.items():
+        assert [s["__key__"] for s in samples] == [c["__key__"] for c in captions]
+        for caption, sample in zip(captions, samples):
+            record, events = json.loads(sample["json"]), json.loads(caption["json"])["extra_info"]["events"]
+            answer = record["messages"][1]["content"][0]["text"]
+            if kind == "qa":
+                assert sample["mp4"] == caption["mp4"]
+                assert answer == f"It {events[0]['action']}." if record["task"] == "video/qa" else answer in "ABCD"
+            elif kind == "image":
+                assert answer == f"A {events[0]['colour']} {events[0]['shape']}."
+            else:
+                assert answer.endswith(f"it {events[-1]['action']}.")
+            out = transform(s := canonical_sample(sample["__key__"], record), media_bytes(s, sample))
+            assert processor.tokenizer.decode(out["labels"][out["labels"] != IGNORE_INDEX]) == answer + "<|im_end|>"
+    assert [json.loads(s["json"])["task"] for s in derived["qa"]] == ["video/qa", "video/mcqa"] * 2
+    with pytest.raises(ValueError, match="allowed values are train, qa, image, text"):
+        ensure_derived(tmp_path, spec, "ocr")

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,14 @@ import webdataset as wds
 
 from tarsier_train.data.video import encode_mp4
 from tarsier_train.toyworld.describe import DESCRIBE_PROMPT, describe, describe_grounded, event_sentence
+from tarsier_train.toyworld.tasks import DERIVED_KINDS, DerivedKind, derived_samples
 from tarsier_train.toyworld.world import Clip, generate_clip, render_frames
 
 log = logging.getLogger(__name__)
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1_000_003}
 # Bump when generated clips change for the same spec, so stale caches are not reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # v4: records carry tracking boxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +54,15 @@ def clip_record(clip: Clip, key: str, index: int, spec: ToyWorldSpec) -> dict:
         "extra_info": {
             "events": [{**dataclasses.asdict(e), "text": event_sentence(e)} for e in clip.events],
             "grounded_description": describe_grounded(clip.events, all_frames),
+            "tracking": {"object": f"the {clip.colour} {clip.shape}", "boxes": tracking_boxes(clip, spec.frame_size)},
         },
     }
+
+
+def tracking_boxes(clip: Clip, frame_size: int) -> dict[str, list[float]]:
+    """The object's box in every frame it is visible in: {frame: [x1, y1, x2, y2]} normalised to [0, 1]."""
+    return {str(t): [round(v / frame_size, 4) for v in (x - half, y - half, x + half, y + half)]
+            for t, (x, y, half, visible) in enumerate(clip.track) if visible}
 
 
 def write_split(output_dir: Path, split: str, num_clips: int, spec: ToyWorldSpec) -> list[str]:
@@ -73,22 +82,44 @@ def write_split(output_dir: Path, split: str, num_clips: int, spec: ToyWorldSpec
 
 def ensure_toyworld(root: str | Path, spec: ToyWorldSpec) -> dict:
     """Generate the toy world under root/<settings> once; later calls return the cached manifest."""
-    target = Path(root) / _spec_dirname(spec)
+    def generate(staging: Path) -> dict:
+        log.info("generating toy world (%d train + %d val clips) in %s", spec.num_train_clips, spec.num_val_clips, root)
+        return {"spec": dataclasses.asdict(spec), "train": write_split(staging, "train", spec.num_train_clips, spec),
+                "val": write_split(staging, "val", spec.num_val_clips, spec)}
+
+    return _cached(Path(root) / _spec_dirname(spec), generate)
+
+
+def ensure_derived(root: str | Path, spec: ToyWorldSpec, kind: DerivedKind) -> list[str]:
+    """Shards of a derived pre-training task (qa, image, text) from the toy world's train clips, cached."""
+    if kind not in DERIVED_KINDS:
+        raise ValueError(f"toy-world shards {kind!r}: allowed values are train, {', '.join(DERIVED_KINDS)}")
+    captions = toyworld_shards(root, spec)["train"]
+
+    def generate(staging: Path) -> dict:
+        log.info("deriving toy-world %s shards in %s", kind, staging.parent)
+        raw = wds.WebDataset(captions, shardshuffle=False, nodesplitter=None, workersplitter=None)
+        with wds.ShardWriter(str(staging / f"{kind}-%06d.tar"), maxcount=spec.clips_per_shard, verbose=0) as sink:
+            for sample in derived_samples(kind, iter(raw)):
+                sink.write(sample)
+        return {"spec": dataclasses.asdict(spec), kind: sorted(p.name for p in staging.glob(f"{kind}-*.tar"))}
+
+    folder = Path(root) / f"{_spec_dirname(spec)}-{kind}"
+    return [str(folder / name) for name in _cached(folder, generate)[kind]]
+
+
+def _cached(target: Path, generate: Callable[[Path], dict]) -> dict:
+    """target/manifest.json, generating target's contents in a staging dir renamed into place (atomic:
+    a concurrent or killed writer never leaves a half cache)."""
     manifest_path = target / "manifest.json"
     if manifest_path.exists():
         return json.loads(manifest_path.read_text())
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("generating toy world (%d train + %d val clips) in %s", spec.num_train_clips, spec.num_val_clips, target)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        manifest = {
-            "spec": dataclasses.asdict(spec),
-            "train": write_split(staging, "train", spec.num_train_clips, spec),
-            "val": write_split(staging, "val", spec.num_val_clips, spec),
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (staging / "manifest.json").write_text(json.dumps(generate(staging), indent=2))
         try:
-            staging.rename(target)  # atomic: a concurrent or killed writer never leaves a half cache
+            staging.rename(target)
         except OSError:
             if not manifest_path.exists():
                 raise
