@@ -26,6 +26,23 @@ def _compose(overrides: list[str]):
         return compose("train", overrides=overrides, return_hydra_config=False)
 
 
+SHARDS = ["data.train_shards=/d/train-*.tar", "data.val_shards=/d/val-*.tar"]
+STAGES = {  # the values each stage needs from its user
+    "sft": [],
+    "pretrain": ["model.path=/models/qwen", "data.sources=[{shards: /d/a-*.tar}]", "data.val_shards=/d/val-*.tar"],
+    "sft_grounded": ["init_from=/runs/pretrain", *SHARDS],
+    "sft_instruct": ["init_from=/runs/sft_grounded", *SHARDS],
+}
+
+
+def _overrides(group: str, option: str) -> list[str]:
+    if group == "recipe":
+        return [f"recipe={option}", *STAGES[option]]
+    if group == "experiment":  # experiment=toyworld_<stage> scales that stage down: it needs nothing more
+        return [f"recipe={option.removeprefix('toyworld_')}", f"experiment={option}"]
+    return ["recipe=sft", f"{group}={option}", *_required_values(group, option)]
+
+
 def _required_values(group: str, option: str) -> list[str]:
     if (group, option) == ("model", "qwen2_vl"):
         return ["model.path=/models/qwen"]
@@ -39,8 +56,22 @@ def _required_values(group: str, option: str) -> list[str]:
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
 def test_every_config_file_composes_and_validates(path: Path):
     group, option = path.parent.relative_to(CONF).as_posix(), path.stem
-    overrides = ["recipe=sft", f"{group}={option}", *_required_values(group, option)]
-    validate_config(_compose(overrides))
+    validate_config(_compose(_overrides(group, option)))
+
+
+def test_stage_recipes_default_to_tarsier2_values():
+    """DESIGN.md's table: lr, warm-up, steps per stage; SFT-1 tags events with frames; 16 frames for SFT."""
+    expected = {"pretrain": (2e-5, 1000, 200_000), "sft_grounded": (2e-5, 250, 5000), "sft_instruct": (2e-6, 250, 5000)}
+    for stage, (lr, warmup, steps) in expected.items():
+        cfg = _compose(_overrides("recipe", stage))
+        assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.trainer.max_steps) == (lr, warmup, steps), stage
+        assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.grad_clip) == ([0.9, 0.999], 1e-6, 0.01, 1.0)
+        assert (cfg.model.dtype, cfg.trainer.precision, cfg.data.max_pixels) == ("bfloat16", "bf16-mixed", 460800)
+        assert cfg.run_name == stage
+    assert _compose(_overrides("recipe", "sft_grounded")).data.task == "video/grounding"
+    assert _compose(_overrides("recipe", "sft_instruct")).data.task is None
+    assert list(_compose(_overrides("recipe", "pretrain")).data.num_frames) == [8, 16, 32, 64, 128]
+    assert _compose(_overrides("recipe", "sft_instruct")).model.path == "/runs/sft_grounded"  # init_from is the model
 
 
 def test_missing_required_value_is_named():

@@ -8,12 +8,24 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 
-def local_model_dir(path: str) -> str:
-    """A user's local HF model directory; fails early, naming the key, if it is not one."""
+def local_model_dir(path: str | None, key: str = "model.path") -> str:
+    """A local HF model directory, or a tarsier-train run directory (its HF export, <run_dir>/hf); fails
+    early, naming the key, if it is neither."""
+    if not path:
+        raise ValueError(f"{key} is not set: pass a local Hugging Face model directory, or init_from=<run dir>")
     directory = Path(path).expanduser()
+    if not (directory / "config.json").is_file() and (directory / "config.yaml").is_file():
+        export = directory / "hf"
+        if not (export / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{key}={path!r} is a run directory without a Hugging Face export (did the run finish?). Export a "
+                f"checkpoint: python -m tarsier_train.checkpoint.export {directory}/checkpoints/step-NNNNNN.ckpt "
+                f"--output {export}"
+            )
+        directory = export
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(
-            f"model.path={path!r} is not a local Hugging Face model directory (no config.json). "
+            f"{key}={path!r} is not a local Hugging Face model directory (no config.json) nor a run directory. "
             "tarsier-train never downloads at run time: download the model first, then pass its folder."
         )
     return str(directory)
