@@ -15,7 +15,8 @@ from recipes.callbacks import AtomicCheckpointIO
 from recipes.loggers import close_loggers, logger_location
 from tarsier_train.checkpoint import find_latest_checkpoint, resolve_resume
 from tarsier_train.config import redact, validate_config
-from tarsier_train.models import load_model, load_processor
+from tarsier_train.models import load_processor
+from tarsier_train.models.controls import build_model
 
 log = logging.getLogger("tarsier_train")
 
@@ -40,7 +41,8 @@ def main(cfg: DictConfig) -> None:
     processor = load_processor(model_dir)
     log.info("building data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data, processor=processor)  # before the weights: data errors come cheap
-    model = load_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    model = build_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trainable,
+                        cfg.model.lora, cfg.model.gradient_checkpointing)
     log.info("building recipe: %s", cfg.objective._target_)
     recipe = instantiate(cfg.objective, model=model, processor=processor)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]

@@ -17,7 +17,6 @@ from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.models.vision import dummy_vision_term
-from tarsier_train.optim import decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,7 @@ class LMRecipe(L.LightningModule):
                 log.info("step %d val example: %s", self.global_step, example)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(decay_groups(self.model, self.weight_decay))
+        # The factory takes the model: per-part learning rates and layer-wise decay need parameter names.
+        optimizer = self.optimizer_factory(self.model, weight_decay=self.weight_decay)
         scheduler = self.lr_schedule_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,121 @@
+"""What trains: freeze or train each part of a Qwen2-VL-style model, LoRA adapters through peft, activation
+checkpointing; and folding the adapters back in for a plain Hugging Face export."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import PreTrainedModel
+
+from tarsier_train.models.load import load_model
+
+log = logging.getLogger(__name__)
+
+# The parts of Qwen2-VL / Qwen2.5-VL (transformers 5.x parameter names). Checked in order: the merger lives inside
+# the vision tower's module, so it is matched before the tower.
+PART_PREFIXES = {
+    "merger": ("model.visual.merger.",),
+    "vision": ("model.visual.",),
+    "llm": ("model.language_model.", "lm_head."),
+}
+PARTS = ("llm", "merger", "vision")  # the LLM first: the recipe logs the first optimiser group's lr as train/lr
+VISION_BLOCKS = "model.visual.blocks."
+VISION_STEM = "model.visual.patch_embed."
+LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_part(name: str) -> str:
+    """The part ("vision", "merger" or "llm") a parameter belongs to, from its name."""
+    for part, prefixes in PART_PREFIXES.items():
+        if name.startswith(prefixes):
+            return part
+    raise ValueError(f"parameter {name!r} is in no known part ({', '.join(PARTS)}): the model controls know "
+                     "Qwen2-VL-style models (model.visual, model.visual.merger, model.language_model, lm_head)")
+
+
+def vision_depth(name: str, num_blocks: int) -> int:
+    """How many layers sit between a vision parameter and the merger, BEiT-style: the patch embedding is
+    num_blocks + 1 deep, block i is num_blocks - i deep (the last block 1). Layer-wise LR decay is decay ** depth."""
+    if name.startswith(VISION_BLOCKS):
+        return num_blocks - int(name[len(VISION_BLOCKS):].split(".")[0])
+    if name.startswith(VISION_STEM):
+        return num_blocks + 1
+    raise ValueError(f"vision parameter {name!r} is neither in {VISION_STEM} nor in {VISION_BLOCKS}: "
+                     "no layer-wise LR decay depth for it")
+
+
+def adapter_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the peft adapter weights (lora_A, lora_B, ...): inside a tuner layer, outside its base layer."""
+    tuner_prefixes = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    return {name for name, _ in model.named_parameters()
+            if any(name.startswith(p) and not name[len(p):].startswith("base_layer.") for p in tuner_prefixes)}
+
+
+def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05,
+                target_modules: Sequence[str] = LLM_PROJECTIONS) -> LoraConfig | None:
+    """peft's LoraConfig for the `model.lora` settings; None when rank is 0 (no adapters)."""
+    if rank < 0:
+        raise ValueError(f"model.lora.rank={rank}: must be 0 (no LoRA) or a positive adapter rank")
+    if rank == 0:
+        return None
+    if isinstance(target_modules, str) or not target_modules:
+        raise ValueError(f"model.lora.target_modules={target_modules!r}: give a list of module names, "
+                         "e.g. [q_proj, v_proj] (the LLM) or [qkv, fc1, fc2] (the vision blocks)")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+
+
+def set_trainable(model: torch.nn.Module, trainable: Mapping[str, bool]) -> None:
+    """requires_grad per part. Adapter weights always train; the weights they adapt stay frozen, so a part that
+    holds adapters cannot also be trained in full."""
+    adapters = adapter_parameter_names(model)
+    doubled = sorted({model_part(name) for name in adapters if trainable[model_part(name)]})
+    if doubled:
+        raise ValueError(
+            "model.lora puts adapters into " + ", ".join(doubled) + ", which model.trainable also trains in full: "
+            + " ".join(f"model.trainable.{part}=false" for part in doubled) + " (train the adapters only), "
+            "or model.lora.rank=0 (no LoRA)")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in adapters or trainable[model_part(name)])
+
+
+def build_model(model_dir: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+                trainable: Mapping[str, bool] | None = None, lora: Mapping | None = None,
+                gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """The model a run trains: weights from model_dir, LoRA adapters if model.lora.rank > 0, each part frozen or
+    trained as model.trainable says (default: all, as Tarsier2), activation checkpointing if asked."""
+    parts = {part: True for part in PARTS} | dict(trainable or {})
+    if unknown := sorted(set(parts) - set(PARTS)):
+        raise ValueError(f"model.trainable.{unknown[0]}: not a model part (parts: {', '.join(PARTS)})")
+    adapter_config = lora_config(**(lora or {}))  # settings checked before the weights load
+    model = load_model(model_dir, dtype, attn_implementation)
+    if adapter_config is not None:
+        # In place (peft's integration API): the model keeps its class and module paths, so vision code,
+        # generate() and per-block sharding see the same model with or without adapters.
+        inject_adapter_in_model(adapter_config, model)
+    set_trainable(model, parts)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: every model.trainable part is false and model.lora.rank=0")
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing gives gradients to trainable weights behind frozen inputs too.
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    log.info("training %s%s: %d of %d parameters", ", ".join(p for p in PARTS if parts[p]) or "no part in full",
+             f" + LoRA rank {adapter_config.r}" if adapter_config else "",
+             sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+    return model
+
+
+def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every adapter into the weight it adapts and put the plain layer back, in place: peft's merge_and_unload
+    for a model adapted with inject_adapter_in_model. The result saves as an ordinary Hugging Face model."""
+    tuner_layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in tuner_layers:
+        module.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if tuner_layers:
+        del model.peft_config  # peft's record of the injected adapters, gone with them
+    return model
