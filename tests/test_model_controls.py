@@ -178,7 +178,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(tiny_model_dir, ba
 @pytest.mark.slow
 def test_train_py_with_frozen_parts_lora_and_checkpointing(tmp_path, cache_root, tiny_model_dir):
     """Tarsier1-style run: vision tower frozen, LLM through LoRA adapters, merger trained in full."""
-    run_train(["recipe=sft", *TINY_DATA, "trainer.max_steps=2", "trainer.val_check_interval=2",
+    run_train(["recipe=sft", *TINY_DATA, "trainer.max_steps=2",
                "callbacks.checkpoint.every_n_train_steps=2", "logger=csv", "model.trainable.vision=false",
                "model.trainable.llm=false", "model.lora.rank=4", "model.gradient_checkpointing=true"],
               cwd=tmp_path, cache_root=cache_root)
