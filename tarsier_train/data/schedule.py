@@ -2,19 +2,23 @@
 
 A consumer is one dataloader worker of one rank (num_consumers = ranks x workers). In every epoch
 the shards are put in a seeded order and shard k goes to consumer k % num_consumers, which reads it
-whole, in a seeded within-shard order. Every sample therefore has one place in exactly one
-consumer's sequence, and a consumer's progress is one number: how many items of its sequence were
-consumed. Resuming with the same ranks and workers continues every sequence where it stopped (the
-batches are those of an uninterrupted run); with another layout, what is left of the epochs already
-started is cut into shard ranges and dealt out to the new consumers (a "segment"), so no sample is
-repeated or skipped. Only shard sample counts are needed, never the data, so a resume costs the same
-wherever in the epoch it happens.
+whole, in a seeded within-shard order. With fewer non-empty shards than consumers, every shard is
+instead cut into equal contiguous pieces of its within-shard order (as many per shard as make the
+epoch's pieces a multiple of num_consumers, shard sizes allowing, so consumers get as many each), and
+piece k goes to consumer k % num_consumers; only fewer samples than consumers is an error. Every
+sample therefore has one place in exactly one consumer's sequence, and a consumer's progress is one
+number: how many items of its sequence were consumed. Resuming with the same ranks and workers
+continues every sequence where it stopped (the batches are those of an uninterrupted run); with
+another layout, what is left of the epochs already started is cut into shard ranges and dealt out to
+the new consumers (a "segment"), so no sample is repeated or skipped. Only shard sample counts are
+needed, never the data, so a resume costs the same wherever in the epoch it happens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +27,20 @@ import numpy as np
 # First word of every seed, one per use: numpy's SeedSequence treats trailing zero words as absent, so
 # untagged [seed, epoch] and [seed, epoch, 0, 0] would draw the same numbers.
 _SHARD_ORDER, _WITHIN_SHARD = 1, 2
+
+
+def _pieces_per_shard(shard_sizes: list[int], num_consumers: int) -> int:
+    """1 (whole shards) when there are enough shards, else enough pieces per shard for every consumer."""
+    nonempty = sum(1 for size in shard_sizes if size > 0)
+    if nonempty >= num_consumers:
+        return 1
+    # A multiple of num_consumers in all, so every consumer gets as many pieces (an uneven deal would make
+    # some consumers go round their epochs faster and see their samples more often).
+    pieces = num_consumers // math.gcd(nonempty, num_consumers)
+    # A shard smaller than its piece count gives only one piece per sample: cut finer until there are enough.
+    while sum(min(size, pieces) for size in shard_sizes) < num_consumers:
+        pieces += 1
+    return pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +68,14 @@ class Schedule:
     first_epoch: int = 0  # the first regular epoch (after the segment)
 
     def __post_init__(self) -> None:
-        nonempty = sum(1 for size in self.shard_sizes if size > 0)
-        if nonempty < self.num_consumers:
+        total = sum(self.shard_sizes)
+        if total < self.num_consumers:
             raise ValueError(
-                f"{nonempty} non-empty shards cannot feed {self.num_consumers} data consumers (ranks x workers): "
-                "lower data.num_workers or write more, smaller shards"
+                f"{total} samples cannot feed {self.num_consumers} data consumers (ranks x workers), each needs "
+                "at least one: lower data.num_workers or add data"
             )
+        # Derived from the fields, so never saved: a resumed schedule cuts the same pieces.
+        self.pieces_per_shard = _pieces_per_shard(self.shard_sizes, self.num_consumers)
 
     def shard_order(self, epoch: int) -> list[int]:
         order = np.arange(len(self.shard_sizes))
@@ -63,14 +83,21 @@ class Schedule:
             order = np.random.default_rng([_SHARD_ORDER, self.seed, self.source, epoch]).permutation(order)
         return [int(k) for k in order if self.shard_sizes[k] > 0]
 
+    def epoch_ranges(self, epoch: int) -> list[ShardRange]:
+        """The epoch's ranges in dealing order: whole shards, or each shard's pieces when shards are too few."""
+        ranges = []
+        for shard in self.shard_order(epoch):
+            size = self.shard_sizes[shard]
+            cuts = [size * i // self.pieces_per_shard for i in range(self.pieces_per_shard + 1)]
+            ranges += [ShardRange(epoch, shard, start, end) for start, end in zip(cuts, cuts[1:]) if end > start]
+        return ranges
+
     def sequence(self, consumer: int) -> Iterator[ShardRange]:
         """Everything consumer reads, in order, forever."""
         if self.segment:
             yield from self.segment[consumer]
         for epoch in itertools.count(self.first_epoch):
-            for position, shard in enumerate(self.shard_order(epoch)):
-                if position % self.num_consumers == consumer:
-                    yield ShardRange(epoch, shard, 0, self.shard_sizes[shard])
+            yield from self.epoch_ranges(epoch)[consumer::self.num_consumers]
 
     def remaining(self, consumer: int, num_consumed: int) -> Iterator[ShardRange]:
         """consumer's sequence after its first num_consumed items (arithmetic on ranges, no data read)."""

@@ -40,6 +40,17 @@ def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
+class _RankedStream(IterableDataset):
+    """A stream that knows its rank also in loader workers that were spawned rather than forked (start
+    method spawn or forkserver): those are outside the process group, so the rank travels in the pickle."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pickled_rank_and_world": _rank_and_world()}
+
+    def rank_and_world(self) -> tuple[int, int]:
+        return self.__dict__.get("_pickled_rank_and_world") or _rank_and_world()
+
+
 def _worker_and_count() -> tuple[int, int]:
     worker = get_worker_info()
     return (worker.id, worker.num_workers) if worker else (0, 1)
@@ -116,7 +127,7 @@ class StreamPlan:
     rotation: int  # which worker owns the loader's next batch
 
 
-class VideoTextStream(IterableDataset):
+class VideoTextStream(_RankedStream):
     """Endless training stream over a weighted mixture of shard sources, each read in the order its
     `Schedule` gives. A consumer draws the source of its k-th sample from a generator seeded by
     (seed, consumer, k), so proportions hold and the draws replay exactly after a resume."""
@@ -151,7 +162,7 @@ class VideoTextStream(IterableDataset):
         return StreamPlan(schedules, [[0] * num_consumers for _ in schedules], [0] * num_consumers, 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world_size = _rank_and_world()
+        rank, world_size = self.rank_and_world()
         worker, num_workers = _worker_and_count()
         plan = self.plan(world_size, num_workers)
         consumer = rank * num_workers + (worker + plan.rotation) % num_workers
@@ -211,7 +222,7 @@ class VideoTextStream(IterableDataset):
             yield key, raw
 
 
-class EvalStream(IterableDataset):
+class EvalStream(_RankedStream):
     """Every sample of the shards once, in order; sample i goes to consumer i % (ranks x workers)."""
 
     def __init__(self, shards: list[str], make_sample: MakeSample):
@@ -220,7 +231,7 @@ class EvalStream(IterableDataset):
         self.shards, self.make_sample = list(shards), make_sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = _rank_and_world()
+        rank, world = self.rank_and_world()
         worker, num_workers = _worker_and_count()
         consumer, num_consumers = rank * num_workers + worker, world * num_workers
         skipped = 0
