@@ -15,7 +15,7 @@ from recipes.callbacks import AtomicCheckpointIO
 from recipes.loggers import close_loggers, logger_location
 from tarsier_train.checkpoint import find_latest_checkpoint, resolve_resume
 from tarsier_train.config import redact, validate_config
-from tarsier_train.models import load_processor
+from tarsier_train.models import load_processor, local_model_dir
 from tarsier_train.models.controls import build_model
 
 log = logging.getLogger("tarsier_train")
@@ -36,11 +36,15 @@ def main(cfg: DictConfig) -> None:
     resolved = save_resolved_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    log.info("building model: %s", cfg.model.dir._target_)
-    model_dir = instantiate(cfg.model.dir)
+    if cfg.init_from:  # a later stage: the previous stage's weights and processor
+        log.info("initialising from %s", cfg.init_from)
+        model_dir = local_model_dir(cfg.init_from, key="init_from")
+    else:
+        log.info("building model: %s", cfg.model.dir._target_)
+        model_dir = instantiate(cfg.model.dir)
     processor = load_processor(model_dir)
     log.info("building data: %s", cfg.data._target_)
-    datamodule = instantiate(cfg.data, processor=processor)  # before the weights: data errors come cheap
+    datamodule = instantiate(cfg.data, processor=processor, model_dir=model_dir)  # before the weights: data errors come cheap
     model = build_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trainable,
                         cfg.model.lora, cfg.model.gradient_checkpointing)
     log.info("building recipe: %s", cfg.objective._target_)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import ProcessorMixin
 
 from tarsier_train.data.collate import VideoTextCollator
+from tarsier_train.data.packing import PackingCollator, RopeIndex
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
@@ -31,6 +32,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return shards
 
 
+PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 SOURCE_KEYS = {"shards", "weight", "task", "num_frames", "frame_sampling"}
 
 
@@ -44,6 +46,18 @@ def _checked_task(task: str | None, key: str) -> str | None:
     return task
 
 
+def _packing_collator(processor: ProcessorMixin, model_dir: str | None, max_tokens_per_row: int,
+                      attn_implementation: str) -> PackingCollator:
+    """flash_attention_2 finds packed samples only in a single unpadded row; sdpa/eager/flex in any row."""
+    if attn_implementation not in PACKABLE_ATTENTION:
+        raise ValueError(f"data.packing=true with model.attn_implementation={attn_implementation!r}: allowed values "
+                         f"are {', '.join(PACKABLE_ATTENTION)}")
+    if model_dir is None:
+        raise ValueError("data.packing=true needs the model directory (train.py passes it) for M-RoPE positions")
+    return PackingCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(model_dir), max_tokens_per_row,
+                           single_row=attn_implementation == "flash_attention_2")
+
+
 class VideoShardDataModule(L.LightningDataModule):
     def __init__(self, processor: ProcessorMixin, train_shards: str | list[str] | None = None,
                  val_shards: str | list[str] | None = None, sources: list[dict[str, Any]] | None = None,
@@ -52,12 +66,15 @@ class VideoShardDataModule(L.LightningDataModule):
                  max_n_frames: int = 128, duplicate_frames: bool = True, max_seq_len: int = 16384,
                  min_pixels: int | None = None, max_pixels: int | None = None, total_pixels: int | None = None,
                  video_backend: VideoBackendName = "pyav", decode_timeout_s: float | None = 60.0,
-                 seed: int = 0, shuffle_block: int = 256):
+                 seed: int = 0, shuffle_block: int = 256, packing: bool = False, max_tokens_per_row: int | None = None,
+                 attn_implementation: str = "sdpa", model_dir: str | None = None):
         super().__init__()
         sampler = FrameSampler(frame_sampling, _frame_counts(num_frames), target_fps, max_n_frames)
         self.transform = VideoTextTransform(processor, sampler, duplicate_frames, max_seq_len, min_pixels,
                                             max_pixels, total_pixels, video_backend, decode_timeout_s)
-        self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)
+        self.collator = VideoTextCollator(processor.tokenizer.pad_token_id)  # validation: one sample per row
+        self.train_collator = (_packing_collator(processor, model_dir, max_tokens_per_row or max_seq_len,
+                                                 attn_implementation) if packing else self.collator)
         self.train_shards, self.val_shards, self.task = train_shards, val_shards, _checked_task(task, "data.task")
         # Built here, so a bad source fails with the config, before any compute.
         self.sources = [self._source(dict(spec), index) for index, spec in enumerate(sources or [])]
@@ -101,6 +118,7 @@ class VideoShardDataModule(L.LightningDataModule):
             "train": self.transform.training_inputs(task_input),
             "generate": self.transform.generation_inputs(task_input),
             "reference_events": reference_events(record),
+            "reference_text": task_input.target,
         }
 
     def collate_val(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -108,13 +126,14 @@ class VideoShardDataModule(L.LightningDataModule):
             "train": self.collator([{**s["train"], SKIPPED_KEY: s.get(SKIPPED_KEY, 0)} for s in samples]),
             "generate": [s["generate"] for s in samples],
             "reference_events": [s["reference_events"] for s in samples],
+            "reference_text": [s["reference_text"] for s in samples],
         }
 
     def train_dataloader(self) -> DataLoader:
         stream = VideoTextStream(self.train_sources(), seed=self.seed, shuffle=True, shuffle_block=self.shuffle_block)
         stream.resume_state = self._resume_state
         self._progress = StreamProgress(stream, self.trainer.world_size if self.trainer else 1, max(1, self.num_workers))
-        return self._loader(stream, self.collator)
+        return self._loader(stream, self.train_collator)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(EvalStream(expand_shards(self.val_shards), self.make_val_sample), self.collate_val)

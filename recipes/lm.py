@@ -11,10 +11,12 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, model_inputs
 from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.data.transform import TRUNCATED_KEY
 from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
+from tarsier_train.eval.grounding import GroundingScore, score_grounding
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.models.vision import dummy_vision_term
 
@@ -39,8 +41,7 @@ class LMRecipe(L.LightningModule):
         self._val_examples: list[str] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", SKIPPED_KEY, TRUNCATED_KEY)}
-        logits = self.model(**inputs, use_cache=False).logits
+        logits = self.model(**model_inputs(batch), use_cache=False).logits  # a cache would hide packed samples' boundaries
         loss_sum, num_tokens = summed_token_cross_entropy(logits, batch["labels"])
         if not {"pixel_values_videos", "pixel_values"} & batch.keys():  # text-only: the vision tower must still take part
             loss_sum = loss_sum + dummy_vision_term(self.model)
@@ -54,12 +55,14 @@ class LMRecipe(L.LightningModule):
         self._num_skipped += int(batch[SKIPPED_KEY])
         self._num_truncated += int(batch[TRUNCATED_KEY])
         now = time.perf_counter()
-        tokens_per_s = batch["attention_mask"].sum().item() / max(now - self._step_started, 1e-9)
+        non_pad_fraction = float(batch[NON_PAD_FRACTION_KEY])
+        tokens_per_s = non_pad_fraction * batch["input_ids"].numel() / max(now - self._step_started, 1e-9)
         self._step_started = now
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["input_ids"]))
         self.log_dict({
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             "train/tokens_per_s": tokens_per_s,
+            "data/non_pad_fraction": non_pad_fraction,
             "train/target_tokens": num_tokens.float(),
             "data/skipped_samples": float(self._num_skipped),
             "data/truncated_samples": float(self._num_truncated),
@@ -67,26 +70,33 @@ class LMRecipe(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_score, self._val_examples = EventScore(), []
+        self._val_score, self._val_grounding, self._val_examples = EventScore(), GroundingScore(), []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss_sum, num_tokens = self._loss(batch["train"])
         self.log("val/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
         self.log("val/skipped_samples", batch["train"][SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
-        for prompt, reference in zip(batch["generate"], batch["reference_events"]):
+        for prompt, reference, target in zip(batch["generate"], batch["reference_events"], batch["reference_text"]):
             text = greedy_description(self.model, self.processor, prompt, self.max_new_tokens)
             if reference is not None:
                 self._val_score = self._val_score.add(score_description(text, reference))
+            if "<frame:" in target:  # SFT-1: are the described events' frame spans right?
+                self._val_grounding = self._val_grounding.add(score_grounding(text, target))
             if len(self._val_examples) < self.num_logged_examples:
                 self._val_examples.append(f"predicted: {text!r} | reference events: {reference}")
 
     def on_validation_epoch_end(self) -> None:
-        counts = torch.tensor([self._val_score.num_matched, self._val_score.num_predicted,
-                               self._val_score.num_reference], dtype=torch.float64, device=self.device)
-        total = EventScore(*(int(c) for c in self.trainer.strategy.reduce(counts, reduce_op="sum")))
-        if total.num_reference:
-            self.log("val/event_f1", total.f1, prog_bar=True, rank_zero_only=True)
-            self.log_dict({"val/event_precision": total.precision, "val/event_recall": total.recall},
+        events, grounding = self._val_score, self._val_grounding
+        counts = torch.tensor([events.num_matched, events.num_predicted, events.num_reference, grounding.num_exact,
+                               grounding.iou_sum, grounding.num_reference], dtype=torch.float64, device=self.device)
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        events, grounding = EventScore(*map(int, counts[:3])), GroundingScore(int(counts[3]), counts[4], int(counts[5]))
+        if events.num_reference:
+            self.log("val/event_f1", events.f1, prog_bar=True, rank_zero_only=True)
+            self.log_dict({"val/event_precision": events.precision, "val/event_recall": events.recall},
+                          rank_zero_only=True)
+        if grounding.num_reference:
+            self.log_dict({"val/frame_span_accuracy": grounding.exact_accuracy, "val/frame_span_iou": grounding.mean_iou},
                           rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for example in self._val_examples:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLProcessor
 
-from tarsier_train.data.collate import VideoTextCollator
+from tarsier_train.data.collate import VideoTextCollator, model_inputs
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
@@ -55,7 +55,7 @@ def test_single_multi_image_and_image_plus_video_samples_train_the_tiny_model(ti
     assert batch["pixel_values"].shape[0] == sum(int(t.prod()) for s in samples for t in s["image_grid_thw"])
 
     model = load_model(tiny_model_dir)
-    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "num_skipped", "num_truncated")}).logits
+    logits = model(**model_inputs(batch)).logits
     loss_sum, num_tokens = summed_token_cross_entropy(logits, batch["labels"])
     assert torch.isfinite(loss_sum) and int(num_tokens) == int((batch["labels"] != IGNORE_INDEX).sum())
     loss_sum.backward()

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from recipes.lm import LMRecipe
-from tarsier_train.data.collate import VideoTextCollator
+from tarsier_train.data.collate import VideoTextCollator, model_inputs
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
@@ -47,7 +47,7 @@ def test_text_only_and_mixed_batches_train_with_every_vision_parameter(tiny_mode
     recipe = _recipe(tiny_model_dir, processor)
     loss, count = recipe._loss(collate([text_only]))
     reference = _recipe(tiny_model_dir, processor)
-    inputs = {k: v for k, v in collate([text_only]).items() if k not in ("labels", "num_skipped", "num_truncated")}
+    inputs = model_inputs(collate([text_only]))
     plain = torch.nn.functional.cross_entropy(reference.model(**inputs).logits[0, :-1], text_only["labels"][1:],
                                               ignore_index=IGNORE_INDEX, reduction="sum")
     assert torch.allclose(loss, plain)  # the dummy vision term adds exactly nothing

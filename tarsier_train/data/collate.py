@@ -9,6 +9,15 @@ from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS
 
 
+NON_PAD_FRACTION_KEY = "non_pad_fraction"  # real tokens / token slots of a batch; the recipe logs it
+NOT_MODEL_INPUTS = ("labels", SKIPPED_KEY, TRUNCATED_KEY, NON_PAD_FRACTION_KEY)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a batch: no labels, no data bookkeeping."""
+    return {name: value for name, value in batch.items() if name not in NOT_MODEL_INPUTS}
+
+
 class VideoTextCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -21,6 +30,8 @@ class VideoTextCollator:
             "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
             "mm_token_type_ids": pad_sequence([s["mm_token_type_ids"] for s in samples], batch_first=True),
             SKIPPED_KEY: torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples)),
+            NON_PAD_FRACTION_KEY: torch.tensor(sum(map(len, input_ids)) / (len(input_ids) * max(map(len, input_ids))),
+                                               dtype=torch.float64),
             TRUNCATED_KEY: torch.tensor(sum(s.get(TRUNCATED_KEY, 0) for s in samples)),
         }
         for name in VISUAL_INPUTS:  # text-only samples add none; the model matches visual tokens in order

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig
 
+from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS
 
-NON_PAD_FRACTION_KEY = "non_pad_fraction"  # real tokens / token slots; the recipe pops it and logs it
 GRID_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")  # what get_rope_index reads
 
 
