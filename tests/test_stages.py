@@ -23,9 +23,10 @@ def _losses(run_dir) -> list[float]:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, cache_root):
-    """pretrain -> SFT-1 at lr 0 (so its export must be exactly its initial weights) -> SFT-2."""
+    """pretrain (packed) -> SFT-1 at lr 0 (so its export must be exactly its initial weights) -> SFT-2."""
     cwd = tmp_path_factory.mktemp("stages")
-    run_train(["recipe=pretrain", "experiment=toyworld_pretrain", *FEW_STEPS], cwd=cwd, cache_root=cache_root)
+    run_train(["recipe=pretrain", "experiment=toyworld_pretrain", "data.packing=true", "data.max_tokens_per_row=2048",
+               *FEW_STEPS], cwd=cwd, cache_root=cache_root)
     run_train(["recipe=sft_grounded", "experiment=toyworld_sft_grounded", "init_from=outputs/pretrain", "optim.lr=0",
                *FEW_STEPS], cwd=cwd, cache_root=cache_root)
     run_train(["recipe=sft_instruct", "experiment=toyworld_sft_instruct", f"init_from={cwd}/outputs/sft_grounded/hf",
@@ -37,6 +38,14 @@ def test_each_stage_trains(chain):
     for stage in ("pretrain", "sft_grounded", "sft_instruct"):
         losses = _losses(chain / stage)
         assert len(losses) == 2 and all(0 < loss < 20 for loss in losses), stage
+
+
+def test_packed_pretraining_fills_its_rows(chain):
+    rows = list(csv.DictReader(open(chain / "pretrain" / "logs" / "metrics.csv")))
+    packed = [float(r["data/non_pad_fraction"]) for r in rows if r.get("data/non_pad_fraction")]
+    padded = [float(r["data/non_pad_fraction"]) for r in csv.DictReader(open(chain / "sft_instruct" / "logs" / "metrics.csv"))
+              if r.get("data/non_pad_fraction")]
+    assert len(packed) == 2 and min(packed) > 0.9 and max(padded) < 1.0  # 4 mixed-task samples in one row
 
 
 def test_init_from_a_run_dir_or_an_export_starts_from_those_weights(chain, tiny_model_dir):
