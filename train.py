@@ -44,7 +44,8 @@ def main(cfg: DictConfig) -> None:
         model_dir = instantiate(cfg.model.dir)
     processor = load_processor(model_dir)
     log.info("building data: %s", cfg.data._target_)
-    datamodule = instantiate(cfg.data, processor=processor, model_dir=model_dir)  # before the weights: data errors come cheap
+    # before the weights: data errors come cheap; model_dir gives packing the model's M-RoPE
+    datamodule = instantiate(cfg.data, processor=processor, model_dir=model_dir)
     model = build_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trainable,
                         cfg.model.lora, cfg.model.gradient_checkpointing)
     log.info("building recipe: %s", cfg.objective._target_)

@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tarsier_train.data.collate import VideoTextCollator
+from tarsier_train.data.collate import VideoTextCollator, model_inputs
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler, uniform_frame_indices
 from tarsier_train.data.transform import VideoTextTransform
@@ -97,8 +96,7 @@ def padding_cost(cache: Path, rounds: int) -> tuple[float, float]:
 
     def step(b) -> float:
         started = time.perf_counter()
-        inputs = {k: v for k, v in b.items() if k not in ("labels", "num_skipped")}
-        loss, count = summed_token_cross_entropy(model(**inputs, use_cache=False).logits, b["labels"])
+        loss, count = summed_token_cross_entropy(model(**model_inputs(b), use_cache=False).logits, b["labels"])
         (loss / count).backward()
         return time.perf_counter() - started
 

@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from tarsier_train.data.collate import VideoTextCollator
-from tarsier_train.data.packing import NON_PAD_FRACTION_KEY, PackingCollator, RopeIndex
+from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, VideoTextCollator, model_inputs
+from tarsier_train.data.packing import PackingCollator, RopeIndex
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
-from tarsier_train.data.stream import SKIPPED_KEY
-from tarsier_train.data.transform import TRUNCATED_KEY, VideoTextTransform
+from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.models import load_model, load_processor, tiny_qwen2_vl_dir
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
@@ -51,7 +50,7 @@ def mixed_samples(cache: Path, processor, num_clips: int, num_text_only: int) ->
 
 def train_step_seconds(model, batch: dict[str, torch.Tensor]) -> float:
     """One forward + backward as the LM recipe runs it (use_cache=False: packing needs it)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", SKIPPED_KEY, TRUNCATED_KEY, NON_PAD_FRACTION_KEY)}
+    inputs = model_inputs(batch)
     started = time.perf_counter()
     loss, count = summed_token_cross_entropy(model(**inputs, use_cache=False).logits, batch["labels"])
     (loss / count).backward()

@@ -7,17 +7,15 @@ import pytest
 import torch
 import webdataset as wds
 
-from tarsier_train.data.collate import VideoTextCollator
-from tarsier_train.data.packing import NON_PAD_FRACTION_KEY, PackingCollator, RopeIndex, pack_rows
+from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, VideoTextCollator, model_inputs
+from tarsier_train.data.packing import PackingCollator, RopeIndex, pack_rows
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
-from tarsier_train.data.stream import SKIPPED_KEY
-from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VideoTextTransform
+from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.models import load_model
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
-NOT_MODEL_INPUTS = ("labels", SKIPPED_KEY, TRUNCATED_KEY, NON_PAD_FRACTION_KEY)
 FRAME_COUNTS = (4, 8, 16)  # 64, 128, 256 video tokens: a mixed-length batch
 
 
@@ -60,10 +58,6 @@ def _spans(collator: PackingCollator, samples: list[dict]) -> list[tuple[int, in
     return spans
 
 
-def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-
-
 def _alone(processor, sample: dict) -> dict:
     return VideoTextCollator(processor.tokenizer.pad_token_id)([sample])
 
@@ -75,7 +69,7 @@ def unpacked(samples, processor, model) -> list[tuple[torch.Tensor, torch.Tensor
     with torch.no_grad():
         for sample in samples:
             batch = _alone(processor, sample)
-            logits = model(**_model_inputs(batch), use_cache=False).logits
+            logits = model(**model_inputs(batch), use_cache=False).logits
             out.append((logits[0], *summed_token_cross_entropy(logits, batch["labels"])))
     return out
 
@@ -107,7 +101,7 @@ def test_packed_logits_equal_each_sample_alone(samples, processor, tiny_model_di
     batch = collator(samples)
     assert max(len(row) for row in collator.layout([len(s["input_ids"]) for s in samples])) >= 3
     with torch.no_grad():
-        packed = model(**_model_inputs(batch), use_cache=False).logits
+        packed = model(**model_inputs(batch), use_cache=False).logits
     for (alone, _, _), (row, start, end) in zip(unpacked, _spans(collator, samples)):
         torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-4)
 
@@ -119,7 +113,7 @@ def test_packed_loss_equals_unpacked_loss(samples, processor, tiny_model_dir, mo
     batch = _collator(processor, tiny_model_dir, **layout)(samples)
     with torch.no_grad():
         packed_sum, packed_count = summed_token_cross_entropy(
-            model(**_model_inputs(batch), use_cache=False).logits, batch["labels"])
+            model(**model_inputs(batch), use_cache=False).logits, batch["labels"])
     assert int(packed_count) == sum(int(count) for _, _, count in unpacked) > 0
     torch.testing.assert_close(packed_sum, sum(loss for _, loss, _ in unpacked), rtol=1e-6, atol=1e-3)
 
