@@ -1,0 +1,223 @@
+"""Judges for the preference sampler: score a description against a clip's ground truth as event recall and
+precision. `ToyWorldJudge` matches toy-world events exactly; `AutoDQJudge` is Tarsier's AutoDQ (an LLM
+extracts events from both texts, then checks each side's events for entailment by the other text)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from tarsier_train.data.records import canonical_sample
+from tarsier_train.eval.event_f1 import EventScore, reference_events, score_description
+
+log = logging.getLogger(__name__)
+
+
+class ScoreLike(Protocol):
+    @property
+    def recall(self) -> float: ...
+
+    @property
+    def precision(self) -> float: ...
+
+
+class Judge(Protocol):
+    def score(self, prediction: str, record: dict[str, Any]) -> ScoreLike:
+        """Recall and precision of `prediction` against the ground truth of `record` (a Tarsier-format record)."""
+        ...
+
+
+class ToyWorldJudge:
+    """Exact event matching against the events a toy-world record carries in `extra_info.events`."""
+
+    def score(self, prediction: str, record: dict[str, Any]) -> EventScore:
+        events = reference_events(record)
+        if events is None:
+            raise ValueError("ToyWorldJudge needs a toy-world record with extra_info.events; use AutoDQJudge for "
+                             "records that only have a reference description")
+        return score_description(prediction, events)
+
+
+# ---- AutoDQ ---------------------------------------------------------------------------------------------------
+# The prompts, in one place. Paraphrased from Tarsier's DREAM-1K evaluator (AutoDQ); both ask for JSON only.
+EXTRACT_EVENTS_PROMPT = """Below is a description of a video clip.
+
+Extract at most 10 key events from the description. Rules:
+- An event is an action, motion or movement, never static information; do not repeat events.
+- Write each event as one short sentence (at most 10 words) with a subject, a verb and optionally an object;
+  leave out appearance details.
+- Each event must be atomic: it cannot be split into smaller events.
+- Scene cuts and camera motion are not events.
+- Replace pronouns by the nouns they refer to.
+
+Answer with JSON only, no other text: {{"events": ["event 1", "event 2", ...]}}
+
+Description:
+{description}"""
+
+ENTAILMENT_PROMPT = """Below are a video description and a list of events. For each event, classify how the
+description relates to it:
+- "entailment": the description entails the event;
+- "contradiction": some detail of the description contradicts the event;
+- "neutral": neither.
+
+Answer with JSON only, no other text, one entry per event in the same order:
+{{"events": [{{"event": "the event", "relationship": "entailment|neutral|contradiction"}}, ...]}}
+
+Description:
+{description}
+
+Events:
+{events}"""
+
+RELATIONSHIPS = ("entailment", "neutral", "contradiction")
+
+
+class JudgeError(RuntimeError):
+    """The judge's endpoint could not be reached or kept answering something unusable."""
+
+
+class _Retryable(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoDQScore:
+    """AutoDQ's two ratios, with the events and verdicts behind them (for the pair's provenance)."""
+
+    recall: float
+    precision: float
+    reference_events: tuple[str, ...]
+    predicted_events: tuple[str, ...]
+    recall_verdicts: tuple[str, ...]  # per reference event: entailed by the prediction?
+    precision_verdicts: tuple[str, ...]  # per predicted event: entailed by the reference?
+
+
+class AutoDQJudge:
+    """AutoDQ against any OpenAI-compatible endpoint. `base_url` includes the API version, as the OpenAI client's
+    does (`https://api.openai.com/v1`, `http://localhost:8000/v1` for vLLM); requests go to
+    `{base_url}/chat/completions`. The key is read from the `api_key_env` variable at each request, never
+    stored; without it no Authorization header is sent (local servers). 5xx, 429, timeouts, refused
+    connections and unparseable answers are retried `max_retries` times with exponential backoff."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
+                 max_retries: int = 3, backoff_s: float = 1.0, temperature: float = 0.0,
+                 cache_size: int = 1024) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"AutoDQJudge base_url must start with http:// or https://, got {base_url!r}")
+        if max_retries < 0 or timeout_s <= 0:
+            raise ValueError(f"AutoDQJudge needs max_retries >= 0 and timeout_s > 0, got {max_retries}, {timeout_s}")
+        self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.temperature, self.cache_size = temperature, cache_size
+        self._reference_cache: dict[str, tuple[str, ...]] = {}  # each reference is judged twice (chosen, rejected)
+
+    def __repr__(self) -> str:
+        return f"AutoDQJudge(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def score(self, prediction: str, record: dict[str, Any]) -> AutoDQScore:
+        reference = canonical_sample("reference", record).target
+        ref_events = self._reference_events(reference, record)
+        pred_events = tuple(self.extract_events(prediction))
+        recall_verdicts = tuple(self.entailment(prediction, ref_events))
+        precision_verdicts = tuple(self.entailment(reference, pred_events))
+        return AutoDQScore(_entailed_share(recall_verdicts), _entailed_share(precision_verdicts),
+                           ref_events, pred_events, recall_verdicts, precision_verdicts)
+
+    def extract_events(self, description: str) -> list[str]:
+        return self._ask_json(EXTRACT_EVENTS_PROMPT.format(description=description), validate=_event_list)
+
+    def entailment(self, description: str, events: Sequence[str]) -> list[str]:
+        """One of RELATIONSHIPS per event: how `description` relates to it. No events: no request."""
+        if not events:
+            return []
+        prompt = ENTAILMENT_PROMPT.format(description=description, events=json.dumps(list(events)))
+        return self._ask_json(prompt, validate=lambda answer: _verdicts(answer, len(events)))
+
+    def _reference_events(self, reference: str, record: dict[str, Any]) -> tuple[str, ...]:
+        given = record.get("extra_info", {}).get("events")
+        if given:  # Tarsier's evaluator uses annotated events when a record has them
+            return tuple(e if isinstance(e, str) else e["text"] for e in given)
+        if reference not in self._reference_cache:
+            if len(self._reference_cache) >= self.cache_size:
+                self._reference_cache.pop(next(iter(self._reference_cache)))
+            self._reference_cache[reference] = tuple(self.extract_events(reference))
+        return self._reference_cache[reference]
+
+    def _ask_json(self, prompt: str, validate: Callable[[Any], Any]) -> Any:
+        """Send one chat request; retry on transient failures and unusable answers; parse the answer's JSON."""
+        url = f"{self.base_url}/chat/completions"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                return validate(_parse_json_answer(self._post(url, prompt)))
+            except _Retryable as error:
+                last = str(error)
+                log.warning("AutoDQ judge %s: attempt %d/%d failed: %s", url, attempt + 1, self.max_retries + 1, last)
+        raise JudgeError(f"AutoDQ judge at {self.base_url} failed after {self.max_retries + 1} attempts: {last}")
+
+    def _post(self, url: str, prompt: str) -> str:
+        body = json.dumps({"model": self.model, "temperature": self.temperature,
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            detail = f"HTTP {error.code} from {url}: {error.read()[:200]!r}"
+            if error.code >= 500 or error.code == 429:
+                raise _Retryable(detail) from None
+            raise JudgeError(f"AutoDQ judge at {self.base_url}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            raise _Retryable(f"cannot reach {url}: {getattr(error, 'reason', error)}") from None
+        except json.JSONDecodeError as error:
+            raise _Retryable(f"{url} answered non-JSON: {error}") from None
+        try:
+            return payload["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise _Retryable(f"{url} answered without choices[0].message.content: {payload!r:.200}") from None
+
+
+def _parse_json_answer(content: str) -> Any:
+    """The JSON object in a model's answer, tolerating ```json fences and text around it."""
+    match = re.search(r"\{.*\}", content, flags=re.DOTALL)
+    try:
+        return json.loads(match.group(0) if match else content)
+    except json.JSONDecodeError:
+        raise _Retryable(f"answer is not JSON: {content!r:.200}") from None
+
+
+def _event_list(answer: Any) -> list[str]:
+    events = answer.get("events") if isinstance(answer, dict) else None
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        raise _Retryable(f"expected {{'events': [str, ...]}}, got {answer!r:.200}")
+    return events
+
+
+def _verdicts(answer: Any, num_events: int) -> list[str]:
+    entries = answer.get("events") if isinstance(answer, dict) else None
+    if not isinstance(entries, list) or len(entries) != num_events:
+        raise _Retryable(f"expected {num_events} verdicts, got {answer!r:.200}")
+    verdicts = [str(e.get("relationship", "")).strip().lower() if isinstance(e, dict) else "" for e in entries]
+    if any(v not in RELATIONSHIPS for v in verdicts):
+        raise _Retryable(f"verdicts must be one of {RELATIONSHIPS}, got {verdicts}")
+    return verdicts
+
+
+def _entailed_share(verdicts: Sequence[str]) -> float:
+    """Share of events judged "entailment" (neutral counts as a miss on both sides, as in Tarsier's evaluator);
+    no events scores 1.0, as there."""
+    return sum(v == "entailment" for v in verdicts) / len(verdicts) if verdicts else 1.0
