@@ -3,70 +3,45 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, model_inputs
+from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
+from tarsier_train.data.collate import model_inputs
 from tarsier_train.data.stream import SKIPPED_KEY
-from tarsier_train.data.transform import TRUNCATED_KEY
 from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.eval.grounding import GroundingScore, score_grounding
 from tarsier_train.losses import summed_token_cross_entropy
-from tarsier_train.models.vision import dummy_vision_term
+from tarsier_train.models.vision import text_only_vision_term
 
 log = logging.getLogger(__name__)
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
-
-class LMRecipe(L.LightningModule):
+class LMRecipe(RecipeBase):
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, optimizer: OptimizerFactory,
                  lr_schedule: SchedulerFactory, weight_decay: float = 0.01, max_new_tokens: int = 48,
                  num_logged_examples: int = 2):
-        super().__init__()
-        self.model, self.processor = model.train(), processor  # from_pretrained returns eval mode
-        self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
-        self.weight_decay, self.max_new_tokens = weight_decay, max_new_tokens
-        self.num_logged_examples = num_logged_examples
-        self._num_skipped = self._num_truncated = 0
-        self._step_started = time.perf_counter()
+        super().__init__(model, processor, optimizer, lr_schedule, weight_decay)
+        self.max_new_tokens, self.num_logged_examples = max_new_tokens, num_logged_examples
         self._val_score = EventScore()
         self._val_examples: list[str] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(**model_inputs(batch), use_cache=False).logits  # a cache would hide packed samples' boundaries
         loss_sum, num_tokens = summed_token_cross_entropy(logits, batch["labels"])
-        if not {"pixel_values_videos", "pixel_values"} & batch.keys():  # text-only: the vision tower must still take part
-            loss_sum = loss_sum + dummy_vision_term(self.model)
-        return loss_sum, num_tokens
+        return loss_sum + text_only_vision_term(self.model, batch), num_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, num_tokens = self._loss(batch)
         # Token mean over every rank's batch, not a mean of per-rank means: ranks see different lengths.
         global_tokens = self.trainer.strategy.reduce(num_tokens.float(), reduce_op="sum")
         loss = loss_sum * self.trainer.world_size / global_tokens.clamp(min=1)
-        self._num_skipped += int(batch[SKIPPED_KEY])
-        self._num_truncated += int(batch[TRUNCATED_KEY])
-        now = time.perf_counter()
-        non_pad_fraction = float(batch[NON_PAD_FRACTION_KEY])
-        tokens_per_s = non_pad_fraction * batch["input_ids"].numel() / max(now - self._step_started, 1e-9)
-        self._step_started = now
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["input_ids"]))
-        self.log_dict({
-            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-            "train/tokens_per_s": tokens_per_s,
-            "data/non_pad_fraction": non_pad_fraction,
-            "train/target_tokens": num_tokens.float(),
-            "data/skipped_samples": float(self._num_skipped),
-            "data/truncated_samples": float(self._num_truncated),
-        }, batch_size=len(batch["input_ids"]))
+        self.log("train/target_tokens", num_tokens.float(), batch_size=len(batch["input_ids"]))
+        self.log_data_counts(batch)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -101,9 +76,3 @@ class LMRecipe(L.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for example in self._val_examples:
                 log.info("step %d val example: %s", self.global_step, example)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        # The factory takes the model: per-part learning rates and layer-wise decay need parameter names.
-        optimizer = self.optimizer_factory(self.model, weight_decay=self.weight_decay)
-        scheduler = self.lr_schedule_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -18,3 +18,10 @@ def dummy_vision_term(model: PreTrainedModel) -> torch.Tensor:
     grid = torch.tensor([[1, merge, merge]], device=parameter.device)
     features = model.get_video_features(pixel_values_videos=pixels, video_grid_thw=grid).pooler_output
     return sum(feature.float().sum() for feature in features) * 0.0
+
+
+def text_only_vision_term(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+    """`dummy_vision_term` for a batch without images or videos, else 0: add it to any loss."""
+    if {"pixel_values_videos", "pixel_values"} & batch.keys():
+        return 0.0
+    return dummy_vision_term(model)

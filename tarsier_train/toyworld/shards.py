@@ -90,11 +90,11 @@ def ensure_toyworld(root: str | Path, spec: ToyWorldSpec) -> dict:
     return _cached(Path(root) / _spec_dirname(spec), generate)
 
 
-def ensure_derived(root: str | Path, spec: ToyWorldSpec, kind: DerivedKind) -> list[str]:
-    """Shards of a derived pre-training task (qa, image, text) from the toy world's train clips, cached."""
+def ensure_derived(root: str | Path, spec: ToyWorldSpec, kind: DerivedKind, split: str = "train") -> list[str]:
+    """Shards of a derived task (qa, image, text, pairs) from the toy world's clips of a split, cached."""
     if kind not in DERIVED_KINDS:
         raise ValueError(f"toy-world shards {kind!r}: allowed values are train, {', '.join(DERIVED_KINDS)}")
-    captions = toyworld_shards(root, spec)["train"]
+    captions = toyworld_shards(root, spec)[split]
 
     def generate(staging: Path) -> dict:
         log.info("deriving toy-world %s shards in %s", kind, staging.parent)
@@ -104,7 +104,8 @@ def ensure_derived(root: str | Path, spec: ToyWorldSpec, kind: DerivedKind) -> l
                 sink.write(sample)
         return {"spec": dataclasses.asdict(spec), kind: sorted(p.name for p in staging.glob(f"{kind}-*.tar"))}
 
-    folder = Path(root) / f"{_spec_dirname(spec)}-{kind}"
+    suffix = kind if split == "train" else f"{split}-{kind}"  # train: the names of the first cached sets
+    folder = Path(root) / f"{_spec_dirname(spec)}-{suffix}"
     return [str(folder / name) for name in _cached(folder, generate)[kind]]
 
 

@@ -1,6 +1,6 @@
 """The toy world's other pre-training tasks, derived from its caption shards: video QA and multiple-choice
 QA (same clips), single images (one frame of each clip) and text-only questions about descriptions.
-Grounding, frame order and tracking need no shards of their own: a source's task override turns the
+Also synthetic preference pairs (`pair_sample`). Grounding, frame order and tracking need no shards of their own: a source's task override turns the
 caption records into them (their records carry events and boxes)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from PIL import Image
 from tarsier_train.data.video import decode_video
 from tarsier_train.toyworld.world import ACTIONS
 
-DerivedKind = Literal["qa", "image", "text"]
-DERIVED_KINDS: tuple[str, ...] = ("qa", "image", "text")
+DerivedKind = Literal["qa", "image", "text", "pairs"]
+DERIVED_KINDS: tuple[str, ...] = ("qa", "image", "text", "pairs")
 _NUMBERS = ("zero", "one", "two", "three", "four", "five")
 _LETTERS = "ABCD"
 
@@ -69,7 +69,26 @@ def text_sample(key: str, record: dict, mp4: bytes, index: int) -> dict[str, byt
     return {"__key__": key, "json": json.dumps(_record([], question, answer, "text_only", index)).encode()}
 
 
-DERIVE = {"qa": qa_sample, "image": image_sample, "text": text_sample}
+def pair_sample(key: str, record: dict, mp4: bytes, index: int) -> dict[str, bytes]:
+    """A synthetic preference pair: the true description against one with a temporal error (events in
+    reverse order, or the opposite action for single-event clips). It stands in for the
+    model-based sampler's pairs where a pair is needed without a trained model (tests, smoke runs)."""
+    events = record["extra_info"]["events"]
+    chosen = " ".join(event["text"] for event in events)
+    if len(events) > 1:
+        rejected = " ".join(event["text"] for event in reversed(events))
+    else:
+        rejected = events[0]["text"].replace(events[0]["action"], _OPPOSITE[events[0]["action"]])
+    derived = json.loads(json.dumps(record))
+    derived["messages"][-1]["content"][-1].update({"chosen": chosen, "rejected": rejected})
+    derived["task"] = "video/caption"
+    return {"__key__": key, "json": json.dumps(derived).encode(), "mp4": mp4}
+
+
+_OPPOSITE = {"moves left": "moves right", "moves right": "moves left", "moves up": "moves down",
+             "moves down": "moves up", "grows": "shrinks", "shrinks": "grows", "appears": "disappears",
+             "disappears": "appears"}
+DERIVE = {"qa": qa_sample, "image": image_sample, "text": text_sample, "pairs": pair_sample}
 
 
 def derived_samples(kind: DerivedKind, caption_samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, bytes]]:

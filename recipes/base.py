@@ -1,0 +1,52 @@
+"""What every objective's LightningModule shares: the model and processor, optimiser wiring, and the
+data counters (skipped / truncated samples, real-token throughput) logged with each training step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
+from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.data.transform import TRUNCATED_KEY
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class RecipeBase(L.LightningModule):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, optimizer: OptimizerFactory,
+                 lr_schedule: SchedulerFactory, weight_decay: float = 0.01):
+        super().__init__()
+        self.model, self.processor = model.train(), processor  # from_pretrained returns eval mode
+        self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
+        self.weight_decay = weight_decay
+        self._num_skipped = self._num_truncated = 0
+        self._step_started = time.perf_counter()
+
+    def log_data_counts(self, batch: dict[str, torch.Tensor]) -> None:
+        """Skipped/truncated samples so far, the batch's non-pad share and real tokens per second."""
+        self._num_skipped += int(batch[SKIPPED_KEY])
+        self._num_truncated += int(batch[TRUNCATED_KEY])
+        now = time.perf_counter()
+        non_pad_fraction = float(batch[NON_PAD_FRACTION_KEY])
+        tokens_per_s = non_pad_fraction * batch["input_ids"].numel() / max(now - self._step_started, 1e-9)
+        self._step_started = now
+        self.log_dict({
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "train/tokens_per_s": tokens_per_s,
+            "data/non_pad_fraction": non_pad_fraction,
+            "data/skipped_samples": float(self._num_skipped),
+            "data/truncated_samples": float(self._num_truncated),
+        }, batch_size=len(batch["input_ids"]))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # The factory takes the model: per-part learning rates and layer-wise decay need parameter names.
+        optimizer = self.optimizer_factory(self.model, weight_decay=self.weight_decay)
+        scheduler = self.lr_schedule_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
