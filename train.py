@@ -50,25 +50,29 @@ def main(cfg: DictConfig) -> None:
                         cfg.model.lora, cfg.model.gradient_checkpointing)
     log.info("building recipe: %s", cfg.objective._target_)
     recipe = instantiate(cfg.objective, model=model, processor=processor)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = {name: instantiate(node) for name, node in cfg.callbacks.items() if node is not None}
     loggers = [instantiate(cfg.logger)]
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
+    trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers, default_root_dir=str(run_dir),
                           plugins=[AtomicCheckpointIO()])
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     status = "failed"
     try:
-        trainer.fit(recipe, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        if cfg.mode == "predict":  # recipes that write data: their callbacks say where
+            trainer.predict(recipe, datamodule=datamodule, return_predictions=False)
+        else:
+            trainer.fit(recipe, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
         status = "success"
     finally:
         close_loggers(loggers, status)
     if trainer.is_global_zero:
+        outputs = [callback for callback in callbacks.values() if hasattr(callback, "output_label")]
         print(f"\nrun directory:  {run_dir}\n"
-              f"checkpoint:     {find_latest_checkpoint(run_dir)}\n"
-              f"HF export:      {cfg.callbacks.hf_export.output_dir}\n"
-              f"logs:           {logger_location(loggers[0])}\n"
+              + (f"checkpoint:     {find_latest_checkpoint(run_dir)}\n" if cfg.mode == "fit" else "")
+              + "".join(f"{callback.output_label + ':':16}{callback.output_dir}\n" for callback in outputs)
+              + f"logs:           {logger_location(loggers[0])}\n"
               f"resolved config: {run_dir / 'config.yaml'}")
 
 

@@ -11,7 +11,7 @@ from tarsier_train.config import ConfigError, redact, validate_config
 from conftest import REPO, run_train
 
 CONF = REPO / "conf"
-GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
+GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF and p.parent.name != "common")
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +32,8 @@ STAGES = {  # the values each stage needs from its user
     "pretrain": ["model.path=/models/qwen", "data.sources=[{shards: /d/a-*.tar}]", "data.val_shards=/d/val-*.tar"],
     "sft_grounded": ["init_from=/runs/pretrain", *SHARDS],
     "sft_instruct": ["init_from=/runs/sft_grounded", *SHARDS],
+    "dpo": ["init_from=/runs/sft_instruct", *SHARDS],
+    "dpo_precompute": ["init_from=/runs/sft_instruct", *SHARDS],
 }
 
 
@@ -46,7 +48,7 @@ def _overrides(group: str, option: str) -> list[str]:
 def _required_values(group: str, option: str) -> list[str]:
     if (group, option) == ("model", "qwen2_vl"):
         return ["model.path=/models/qwen"]
-    if (group, option) == ("data", "shards"):
+    if (group, option) in (("data", "shards"), ("data", "pairs")):
         return ["data.train_shards=/d/train-*.tar", "data.val_shards=/d/val-*.tar"]
     if (group, option) == ("data", "mixture"):
         return ["data.val_shards=/d/val-*.tar"]
@@ -61,7 +63,8 @@ def test_every_config_file_composes_and_validates(path: Path):
 
 def test_stage_recipes_default_to_tarsier2_values():
     """DESIGN.md's table: lr, warm-up, steps per stage; SFT-1 tags events with frames; 16 frames for SFT."""
-    expected = {"pretrain": (2e-5, 1000, 200_000), "sft_grounded": (2e-5, 250, 5000), "sft_instruct": (2e-6, 250, 5000)}
+    expected = {"pretrain": (2e-5, 1000, 200_000), "sft_grounded": (2e-5, 250, 5000), "sft_instruct": (2e-6, 250, 5000),
+                "dpo": (1e-6, 100, 1000)}
     for stage, (lr, warmup, steps) in expected.items():
         cfg = _compose(_overrides("recipe", stage))
         assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.trainer.max_steps) == (lr, warmup, steps), stage
@@ -72,6 +75,15 @@ def test_stage_recipes_default_to_tarsier2_values():
     assert _compose(_overrides("recipe", "sft_instruct")).data.task is None
     assert list(_compose(_overrides("recipe", "pretrain")).data.num_frames) == [8, 16, 32, 64, 128]
     assert _compose(_overrides("recipe", "sft_instruct")).model.path == "/runs/sft_grounded"  # init_from is the model
+    dpo = _compose(_overrides("recipe", "dpo")).objective.loss
+    assert (dpo.beta, dpo.loss_type) == (0.1, "sigmoid")
+    precompute = _compose(_overrides("recipe", "dpo_precompute"))
+    assert (precompute.mode, precompute.callbacks.checkpoint, precompute.objective.reference) == ("predict", None, "precomputed")
+
+
+def test_unknown_mode_is_named_with_the_allowed_values():
+    with pytest.raises(ConfigError, match="mode='train': allowed values are fit, predict"):
+        validate_config(_compose(["recipe=sft", "mode=train"]))
 
 
 def test_missing_required_value_is_named():

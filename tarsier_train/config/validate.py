@@ -18,6 +18,7 @@ RUNTIME_ARGUMENTS = {"data": {"processor"}, "objective": {"model", "processor"},
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
 RESUME_CHOICES = "null, auto, or a path to a .ckpt file"
+MODES = ("fit", "predict")
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,8 @@ def validate_config(cfg: DictConfig) -> None:
     resume = cfg.get("resume")
     if resume is not None and not isinstance(resume, str):
         problems.append(f"resume={resume!r}: allowed values are {RESUME_CHOICES}")
+    if cfg.get("mode", "fit") not in MODES:
+        problems.append(f"mode={cfg.mode!r}: allowed values are {', '.join(MODES)}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 

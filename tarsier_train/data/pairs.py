@@ -18,6 +18,7 @@ from tarsier_train.data.transform import VISUAL_INPUTS, VideoTextTransform
 REFERENCE_KEY = "reference_logps"  # (pairs, 2): the reference model's chosen and rejected log-probs
 # Where a record keeps its answers and precomputed reference log-probs
 CHOSEN, REJECTED = "chosen", "rejected"
+RAW_KEY = "raw"  # predict batches: each pair's key, record and media bytes, to write it out again
 
 
 def pair_answers(sample: VideoTextSample) -> tuple[str, str]:
@@ -63,6 +64,8 @@ class PairCollator:
             batch[REFERENCE_KEY] = torch.tensor([pair[REFERENCE_KEY] for pair in pairs], dtype=torch.float64)
         elif any(REFERENCE_KEY in pair for pair in pairs):
             raise ValueError("some pairs of the batch have precomputed reference log-probs and some do not")
+        if RAW_KEY in pairs[0]:
+            batch[RAW_KEY] = [pair[RAW_KEY] for pair in pairs]
         if POSITION_KEY in pairs[0]:
             batch[POSITION_KEY] = torch.tensor([pair[POSITION_KEY] for pair in pairs])
         return batch

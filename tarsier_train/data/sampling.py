@@ -105,6 +105,11 @@ class FrameSampler:
             local = uniform_frame_indices(length, self._count(rng))
         return [window.start + i for i in local]
 
+    @property
+    def draws_at_random(self) -> bool:
+        """Whether training (rng given) may see other frames than evaluation."""
+        return self.mode == "segment" or not isinstance(self.num_frames, int)
+
     def _count(self, rng: np.random.Generator | None) -> int:
         if isinstance(self.num_frames, int):
             return self.num_frames

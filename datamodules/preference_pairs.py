@@ -1,0 +1,81 @@
+"""Preference-pair shards for DPO: the same streams, schedule and resume as SFT data; a pair is one
+prompt + media and a chosen and a rejected answer (`tarsier_train.data.pairs`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader
+from transformers import ProcessorMixin
+
+from datamodules.toyworld import ToyWorldDataModule
+from datamodules.video_shards import VideoShardDataModule, expand_shards
+from tarsier_train.data.pairs import RAW_KEY, PairCollator, pair_inputs
+from tarsier_train.data.records import canonical_sample, media_bytes
+from tarsier_train.data.stream import EvalStream
+from tarsier_train.data.transform import VideoTextTransform
+from tarsier_train.toyworld import ensure_derived
+
+
+class PairSamples:
+    """Turns a video-text datamodule into a pair datamodule: pair samples and pair batches, train and val."""
+
+    transform: VideoTextTransform
+    task: str | None
+
+    def _pair_setup(self, processor: ProcessorMixin, packing: bool) -> None:
+        if packing:
+            raise ValueError("data.packing=true: preference pairs are not packed (each batch row is one answer)")
+        self.collator = self.train_collator = PairCollator(processor.tokenizer.pad_token_id)
+
+    @staticmethod
+    def make_train_sample(transform: VideoTextTransform, task: str | None, key: str, record: dict, members: dict,
+                          rng: np.random.Generator | None) -> dict[str, Any]:
+        sample = canonical_sample(key, record, task)
+        return pair_inputs(transform, sample, transform.prepare(sample, media_bytes(sample, members), rng))
+
+    def make_val_sample(self, key: str, record: dict, members: dict, rng: np.random.Generator | None) -> dict[str, Any]:
+        return self.make_train_sample(self.transform, self.task, key, record, members, None)
+
+    def collate_val(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.collator(samples)
+
+    def make_predict_sample(self, key: str, record: dict, members: dict,
+                            rng: np.random.Generator | None) -> dict[str, Any]:
+        """A val-style pair that also carries what is needed to write it out again."""
+        media = {name: data for name, data in members.items() if not name.startswith("__") and name != "json"}
+        return {**self.make_val_sample(key, record, members, rng), RAW_KEY: {"key": key, "record": record, "media": media}}
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """Every train pair once, then every val pair once (the writer's splits)."""
+        if self.transform.sampler.draws_at_random:
+            raise ValueError("precomputed reference log-probs need the frames training will see: use a fixed "
+                             "data.num_frames with frame_sampling uniform or fps (or frame_indices in the records)")
+        return [self._loader(EvalStream(expand_shards(shards), self.make_predict_sample), self.collator)
+                for shards in (self.train_shards, self.val_shards)]
+
+
+class PreferencePairDataModule(PairSamples, VideoShardDataModule):
+    def __init__(self, processor: ProcessorMixin, **kwargs: Any):
+        super().__init__(processor, **kwargs)
+        self._pair_setup(processor, kwargs.get("packing", False))
+
+
+class ToyWorldPairDataModule(PairSamples, ToyWorldDataModule):
+    """Synthetic toy-world pairs (true description vs. a temporally wrong one) for smoke runs and tests;
+    the model-based sampler writes real pairs as shards for PreferencePairDataModule."""
+
+    def __init__(self, processor: ProcessorMixin, **kwargs: Any):
+        super().__init__(processor, **kwargs)
+        self._pair_setup(processor, kwargs.get("packing", False))
+
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        for split in ("train", "val"):
+            ensure_derived(self.root, self.spec, "pairs", split)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.train_shards = ensure_derived(self.root, self.spec, "pairs", "train")
+        self.val_shards = ensure_derived(self.root, self.spec, "pairs", "val")

@@ -1,0 +1,82 @@
+"""Preference optimisation on pairs (Stage 3): TRL's DPO loss types, against a frozen reference model or
+reference log-probs precomputed with the pairs; each pair's media go through the ViT once."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
+from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED
+from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.losses.dpo import DPOLossSettings, dpo_loss, pair_logps, sequence_logps
+from tarsier_train.models.shared_media import paired_logits
+from tarsier_train.models.vision import text_only_vision_term
+
+ReferenceMode = Literal["frozen", "precomputed"]
+
+
+class DPORecipe(RecipeBase):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, optimizer: OptimizerFactory,
+                 lr_schedule: SchedulerFactory, loss: DPOLossSettings, reference: ReferenceMode = "frozen",
+                 weight_decay: float = 0.01):
+        super().__init__(model, processor, optimizer, lr_schedule, weight_decay)
+        if reference not in ("frozen", "precomputed"):
+            raise ValueError(f"objective.reference={reference!r}: allowed values are frozen, precomputed")
+        self.loss_settings, self.reference = loss, reference
+        # Kept out of the module tree: not trained, not in checkpoints, not in the optimiser.
+        self.__dict__["_reference_model"] = (copy.deepcopy(model).eval().requires_grad_(False)
+                                             if reference == "frozen" else None)
+
+    def on_fit_start(self) -> None:
+        if self._reference_model is not None:
+            self._reference_model.to(self.device)
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference == "precomputed":
+            if REFERENCE_KEY not in batch:
+                raise ValueError("objective.reference=precomputed, but the pairs carry no extra_info.reference_logps: "
+                                 "write them with python -m tarsier_train.sampler.reference_logps, or use "
+                                 "objective.reference=frozen")
+            return batch[REFERENCE_KEY][:, 0].float(), batch[REFERENCE_KEY][:, 1].float()
+        with torch.no_grad():
+            logps = sequence_logps(paired_logits(self._reference_model, batch), batch["labels"])
+        return pair_logps(*logps.split_chosen_rejected(), self.loss_settings.ld_alpha)
+
+    def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO loss of a pair batch and its TRL-named metrics."""
+        chosen, rejected = sequence_logps(paired_logits(self.model, batch), batch["labels"]).split_chosen_rejected()
+        loss, metrics = dpo_loss(chosen, rejected, *self._reference_logps(batch), self.loss_settings)
+        return loss + text_only_vision_term(self.model, batch), metrics
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.pair_loss(batch)
+        num_pairs = len(batch["input_ids"]) // 2
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=num_pairs)
+        self.log_dict(metrics, batch_size=num_pairs)  # TRL's names: rewards/chosen, rewards/margins, ...
+        self.log_data_counts(batch)
+        return loss
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """recipe=dpo_precompute: the pairs again, with this (initial, i.e. reference) model's log-probs stored in
+        extra_info.reference_logps, so DPO can run with objective.reference=precomputed and one model in memory."""
+        logps = sequence_logps(paired_logits(self.model, batch), batch["labels"])
+        chosen, rejected = pair_logps(*logps.split_chosen_rejected(), self.loss_settings.ld_alpha)
+        written = []
+        for raw, chosen_logp, rejected_logp in zip(batch[RAW_KEY], chosen.tolist(), rejected.tolist()):
+            record = {**raw["record"], "extra_info": {**raw["record"].get("extra_info", {}),
+                                                      REFERENCE_KEY: {CHOSEN: chosen_logp, REJECTED: rejected_logp}}}
+            written.append({"__key__": raw["key"], "json": json.dumps(record).encode(), **raw["media"]})
+        return written
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, metrics = self.pair_loss(batch)
+        num_pairs = len(batch["input_ids"]) // 2
+        self.log("val/loss", loss, batch_size=num_pairs, sync_dist=True, prog_bar=True)
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=num_pairs, sync_dist=True)
+        self.log("val/skipped_samples", batch[SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
