@@ -23,6 +23,7 @@ class PairSamples:
 
     transform: VideoTextTransform
     task: str | None
+    predict_done_keys: list[frozenset[str]] | None
 
     def _pair_setup(self, processor: ProcessorMixin, packing: bool) -> None:
         if packing:
@@ -52,8 +53,9 @@ class PairSamples:
         if self.transform.sampler.draws_at_random:
             raise ValueError("precomputed reference log-probs need the frames training will see: use a fixed "
                              "data.num_frames with frame_sampling uniform or fps (or frame_indices in the records)")
-        return [self._loader(EvalStream(expand_shards(shards), self.make_predict_sample), self.collator)
-                for shards in (self.train_shards, self.val_shards)]
+        done = self.predict_done_keys or [frozenset(), frozenset()]
+        return [self._loader(EvalStream(expand_shards(shards), self.make_predict_sample, done_keys), self.collator)
+                for shards, done_keys in zip((self.train_shards, self.val_shards), done)]
 
 
 class PreferencePairDataModule(PairSamples, VideoShardDataModule):

@@ -83,6 +83,8 @@ class VideoShardDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.shuffle_block = seed, shuffle_block
         self._resume_state: dict[str, Any] | None = None
+        # Per predict dataloader, inputs an interrupted data-writing run already handled (set by its writer).
+        self.predict_done_keys: list[frozenset[str]] | None = None
         self._progress: StreamProgress | None = None
 
     @staticmethod

@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
+from recipes.writers import HANDLED, SAMPLES
 from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED
 from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.losses.dpo import DPOLossSettings, dpo_loss, pair_logps, sequence_logps
@@ -62,7 +63,7 @@ class DPORecipe(RecipeBase):
         return loss
 
     @torch.no_grad()
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
         """recipe=dpo_precompute: the pairs again, with this (initial, i.e. reference) model's log-probs stored in
         extra_info.reference_logps, so DPO can run with objective.reference=precomputed and one model in memory."""
         logps = sequence_logps(paired_logits(self.model, batch), batch["labels"])
@@ -72,7 +73,7 @@ class DPORecipe(RecipeBase):
             record = {**raw["record"], "extra_info": {**raw["record"].get("extra_info", {}),
                                                       REFERENCE_KEY: {CHOSEN: chosen_logp, REJECTED: rejected_logp}}}
             written.append({"__key__": raw["key"], "json": json.dumps(record).encode(), **raw["media"]})
-        return written
+        return {SAMPLES: written, HANDLED: [raw["key"] for raw in batch[RAW_KEY]]}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, metrics = self.pair_loss(batch)

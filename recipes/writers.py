@@ -3,8 +3,11 @@ WebDataset samples from `predict_step`; this callback writes them as shards, one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,49 +18,94 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 log = logging.getLogger(__name__)
 
+# What `predict_step` returns: the samples to write, and the keys of every input it handled (written or
+# filtered out), which mark it done for a resumed run.
+SAMPLES, HANDLED = "samples", "handled"
+_SHARD = re.compile(r"rank(\d+)-(\d+)\.keys\.json$")
+
+
+@dataclasses.dataclass
+class _OpenShard:
+    stem: Path  # .../rank<R>-<NNNNNN>
+    keys: list[str] = dataclasses.field(default_factory=list)
+    num_samples: int = 0
+    tar: wds.TarWriter | None = None  # opened on the first sample
+
 
 class ShardWriter(BasePredictionWriter):
-    """Samples ({"__key__", "json", media members}) -> output_dir/<split>/rank<R>-NNNNNN.tar and a manifest
-    per split, so the shards read like any others (sample counts come from the manifest)."""
+    """Samples -> output_dir/<split>/rank<R>-NNNNNN.tar + one manifest.json per split.
+
+    A shard is written under a temporary name and committed (renamed) with a `.keys.json` naming every input it
+    accounts for; a restarted run passes over those inputs, drops what was not committed and redoes only that,
+    so nothing is written twice and nothing is lost.
+    """
 
     output_label = "written data"  # train.py prints where each output went
 
     def __init__(self, output_dir: str, splits: Sequence[str] = ("train", "val"), samples_per_shard: int = 1000):
         super().__init__(write_interval="batch")
         self.output_dir, self.splits, self.samples_per_shard = Path(output_dir), list(splits), samples_per_shard
-        self._sinks: dict[int, wds.ShardWriter] = {}
-        self._counts: dict[int, dict[str, int]] = {}
+        self._open: dict[int, _OpenShard] = {}
 
-    def _sink(self, trainer: L.Trainer, dataloader_idx: int) -> wds.ShardWriter:
-        if dataloader_idx not in self._sinks:
-            folder = self.output_dir / self.splits[dataloader_idx]
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Clean what an interrupted run left uncommitted; tell the datamodule which inputs are done."""
+        done = []
+        for split in self.splits:
+            folder = self.output_dir / split
             folder.mkdir(parents=True, exist_ok=True)
-            pattern = str(folder / f"rank{trainer.global_rank}-%06d.tar")
-            self._sinks[dataloader_idx] = wds.ShardWriter(pattern, maxcount=self.samples_per_shard, verbose=0)
-            self._counts[dataloader_idx] = {}
-        return self._sinks[dataloader_idx]
+            trainer.strategy.barrier()
+            if trainer.is_global_zero:
+                for path in folder.glob("*.tar*"):
+                    if path.suffix != ".tar" or not path.with_suffix(".keys.json").is_file():
+                        path.unlink()  # a partial shard, or one whose keys were never committed
+            trainer.strategy.barrier()
+            done.append(frozenset(key for path in folder.glob("*.keys.json")
+                                  for key in json.loads(path.read_text())["keys"]))
+        if any(done):
+            log.info("resuming: %s inputs already handled", ", ".join(f"{s}: {len(d)}" for s, d in zip(self.splits, done)))
+        trainer.datamodule.predict_done_keys = done
 
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: list[dict[str, Any]],
+    def _shard(self, trainer: L.Trainer, index: int) -> _OpenShard:
+        if index not in self._open:
+            folder = self.output_dir / self.splits[index]
+            numbers = [int(m.group(2)) for p in folder.glob(f"rank{trainer.global_rank}-*.keys.json")
+                       if (m := _SHARD.search(p.name))]
+            self._open[index] = _OpenShard(folder / f"rank{trainer.global_rank}-{max(numbers, default=-1) + 1:06d}")
+        return self._open[index]
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, list],
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        sink = self._sink(trainer, dataloader_idx)
-        for sample in prediction:
-            sink.write(sample)
-            name = Path(sink.fname).name
-            self._counts[dataloader_idx][name] = self._counts[dataloader_idx].get(name, 0) + 1
+        shard = self._shard(trainer, dataloader_idx)
+        for sample in prediction[SAMPLES]:
+            if shard.tar is None:
+                shard.tar = wds.TarWriter(str(shard.stem) + ".tar.partial")
+            shard.tar.write(sample)
+            shard.num_samples += 1
+        shard.keys += prediction[HANDLED]
+        if shard.num_samples >= self.samples_per_shard:
+            self._commit(dataloader_idx)
+
+    def _commit(self, index: int) -> None:
+        shard = self._open.pop(index)
+        if shard.tar is not None:
+            shard.tar.close()
+            os.replace(str(shard.stem) + ".tar.partial", str(shard.stem) + ".tar")
+        keys = Path(str(shard.stem) + ".keys.json")
+        keys.with_suffix(".partial").write_text(json.dumps({"num_samples": shard.num_samples, "keys": shard.keys}))
+        os.replace(keys.with_suffix(".partial"), keys)  # the commit point
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for index, sink in self._sinks.items():
-            sink.close()
-            folder = self.output_dir / self.splits[index]
-            shards = [{"name": name, "num_samples": count} for name, count in sorted(self._counts[index].items())]
-            manifest = folder / f"manifest-rank{trainer.global_rank}.json"
-            manifest.write_text(json.dumps({"shards": shards}, indent=2))
-            log.info("wrote %d samples to %s", sum(s["num_samples"] for s in shards), folder)
+        for index in list(self._open):
+            self._commit(index)
         trainer.strategy.barrier()
-        if trainer.is_global_zero:  # one manifest.json per split, as the stream reads it
-            for split in {self.splits[index] for index in self._sinks}:
+        if trainer.is_global_zero:  # the manifest lists every committed shard, of this run and earlier ones
+            for split in self.splits:
                 folder = self.output_dir / split
-                shards = [entry for path in sorted(folder.glob("manifest-rank*.json"))
-                          for entry in json.loads(path.read_text())["shards"]]
+                shards = []
+                for path in sorted(folder.glob("*.keys.json")):
+                    count = json.loads(path.read_text())["num_samples"]
+                    if count:
+                        shards.append({"name": path.name.replace(".keys.json", ".tar"), "num_samples": count})
                 (folder / "manifest.json").write_text(json.dumps({"shards": shards}, indent=2))
+                log.info("%s: %d samples in %d shards", folder, sum(s["num_samples"] for s in shards), len(shards))

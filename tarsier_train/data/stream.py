@@ -223,12 +223,13 @@ class VideoTextStream(_RankedStream):
 
 
 class EvalStream(_RankedStream):
-    """Every sample of the shards once, in order; sample i goes to consumer i % (ranks x workers)."""
+    """Every sample of the shards once, in order; sample i goes to consumer i % (ranks x workers). Keys in
+    `done_keys` (handled by an interrupted earlier run of a data-writing recipe) are passed over."""
 
-    def __init__(self, shards: list[str], make_sample: MakeSample):
+    def __init__(self, shards: list[str], make_sample: MakeSample, done_keys: frozenset[str] = frozenset()):
         if not shards:
             raise FileNotFoundError("no shards given to the stream")
-        self.shards, self.make_sample = list(shards), make_sample
+        self.shards, self.make_sample, self.done_keys = list(shards), make_sample, done_keys
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = self.rank_and_world()
@@ -239,6 +240,8 @@ class EvalStream(_RankedStream):
             if index % num_consumers != consumer:
                 continue
             key = raw["__key__"] if isinstance(raw, dict) else f"sample {index}"
+            if key in self.done_keys:
+                continue
             sample = _transformed(self.make_sample, key, raw, None)
             if sample is None:
                 skipped += 1
