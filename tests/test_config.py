@@ -34,6 +34,7 @@ STAGES = {  # the values each stage needs from its user
     "sft_instruct": ["init_from=/runs/sft_grounded", *SHARDS],
     "dpo": ["init_from=/runs/sft_instruct", *SHARDS],
     "dpo_precompute": ["init_from=/runs/sft_instruct", *SHARDS],
+    "sample": ["init_from=/runs/sft_instruct", *SHARDS],
 }
 
 
@@ -48,7 +49,7 @@ def _overrides(group: str, option: str) -> list[str]:
 def _required_values(group: str, option: str) -> list[str]:
     if (group, option) == ("model", "qwen2_vl"):
         return ["model.path=/models/qwen"]
-    if (group, option) in (("data", "shards"), ("data", "pairs")):
+    if (group, option) in (("data", "shards"), ("data", "pairs"), ("data", "sampling")):
         return ["data.train_shards=/d/train-*.tar", "data.val_shards=/d/val-*.tar"]
     if (group, option) == ("data", "mixture"):
         return ["data.val_shards=/d/val-*.tar"]

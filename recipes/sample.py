@@ -1,0 +1,87 @@
+"""The preference sampler (Tarsier2's DPO data): for each clip, a description sampled on the clean frames
+(chosen) and one on a corrupted copy (rejected), both scored against the ground truth by a judge; a pair
+is kept iff the chosen one gains in recall and precision by at least `min_gain` together. A Lightning
+predict loop, so it shards over GPUs and nodes; `recipes.writers.ShardWriter` writes the pairs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from datamodules.preference_sampling import CLEAN, CORRUPTED, PROVENANCE, RAW
+from recipes.writers import HANDLED, SAMPLES
+from tarsier_train.sampler import Judge, keep_pair
+
+log = logging.getLogger(__name__)
+
+
+class PreferenceSampler(L.LightningModule):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, judge: Judge, min_gain: float = 0.3,
+                 max_pairs: int | None = None, max_new_tokens: int = 256, top_p: float = 0.7,
+                 temperature: float = 0.7, seed: int = 0):
+        super().__init__()
+        self.model, self.processor, self.judge = model.eval(), processor, judge
+        self.min_gain, self.max_pairs, self.seed = min_gain, max_pairs, seed
+        self.generation = {"max_new_tokens": max_new_tokens, "top_p": top_p, "temperature": temperature}
+        self.counts: Counter[str] = Counter()
+
+    @torch.no_grad()
+    def describe(self, prompt: dict[str, torch.Tensor], key: str) -> str:
+        """A sampled description; seeded by the clip, so a resumed run writes what an uninterrupted one would."""
+        torch.manual_seed(self.seed + zlib.crc32(key.encode()))
+        inputs = {name: value.to(self.device) for name, value in prompt.items()}
+        output = self.model.generate(**inputs, do_sample=True, pad_token_id=self.processor.tokenizer.pad_token_id,
+                                     **self.generation)
+        return self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
+        pairs, handled = [], []
+        for clip in batch:
+            key, record, provenance = clip[RAW]["key"], clip[RAW]["record"], clip[PROVENANCE]
+            if self.max_pairs is not None and self.counts["kept"] >= self.max_pairs:
+                break  # the clips left are not handled: a later run with a higher cap takes them
+            handled.append(key)
+            chosen, rejected = self.describe(clip[CLEAN], key), self.describe(clip[CORRUPTED], key)
+            chosen_score, rejected_score = self.judge.score(chosen, record), self.judge.score(rejected, record)
+            kept = keep_pair(chosen_score, rejected_score, self.min_gain)
+            self.counts.update({"clips": 1, f"clips/{provenance['corruption']}": 1,
+                                **({"kept": 1, f"kept/{provenance['corruption']}": 1} if kept else {})})
+            if kept:
+                scores = {"chosen": _recall_precision(chosen_score), "rejected": _recall_precision(rejected_score)}
+                pairs.append(self._pair(clip, chosen, rejected, scores))
+        return {SAMPLES: pairs, HANDLED: handled}
+
+    def _pair(self, clip: dict[str, Any], chosen: str, rejected: str, scores: dict) -> dict[str, bytes]:
+        """A Tarsier-format pair record: the clean frames as explicit indices (DPO trains on exactly the frames
+        the chosen description was sampled from), both answers, and how the pair was made."""
+        raw, provenance = clip[RAW], clip[PROVENANCE]
+        record = json.loads(json.dumps(raw["record"]))
+        video = next(item for item in record["messages"][0]["content"] if item.get("type") == "video")
+        video["video"] = {**video["video"], "frame_indices": provenance["clean_frames"]}
+        for bound in ("start_frame", "end_frame", "start_time", "end_time", "time_indices"):
+            video["video"].pop(bound, None)  # the indices above already say which frames
+        record["messages"] = [
+            {"role": "user", "content": [video, {"type": "text", "text": provenance["prompt"]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": chosen, "chosen": chosen, "rejected": rejected}]},
+        ]
+        record["extra_info"] = {**record.get("extra_info", {}), "preference": {
+            **provenance, "scores": scores, "min_gain": self.min_gain, "generation": self.generation}}
+        return {"__key__": raw["key"], "json": json.dumps(record).encode(), **raw["media"]}
+
+    def on_predict_end(self) -> None:
+        stats = {"rank": self.global_rank, **dict(self.counts)}
+        log.info("sampler: %s", stats)
+        path = Path(self.trainer.default_root_dir) / f"sampler_stats-rank{self.global_rank}.json"
+        path.write_text(json.dumps(stats, indent=2))
+
+
+def _recall_precision(score: Any) -> dict[str, float]:
+    return {"recall": float(score.recall), "precision": float(score.precision)}
