@@ -47,6 +47,8 @@ class HFExport(L.Callback):
     """Save the trained model + processor with save_pretrained at the end of fit (global rank 0); LoRA adapters
     are merged into the live model first, so the export loads without peft."""
 
+    output_label = "HF export"  # train.py prints where each output went
+
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
 

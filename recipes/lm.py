@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -14,6 +15,7 @@ from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.eval.grounding import GroundingScore, score_grounding
+from tarsier_train.eval.temporal_order import TemporalOrderScore, score_order
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.models.vision import text_only_vision_term
 
@@ -26,7 +28,7 @@ class LMRecipe(RecipeBase):
                  num_logged_examples: int = 2):
         super().__init__(model, processor, optimizer, lr_schedule, weight_decay)
         self.max_new_tokens, self.num_logged_examples = max_new_tokens, num_logged_examples
-        self._val_score = EventScore()
+        self._val_scores: dict[str, Any] = {}
         self._val_examples: list[str] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,27 +47,27 @@ class LMRecipe(RecipeBase):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_score, self._val_grounding, self._val_examples = EventScore(), GroundingScore(), []
+        self._val_scores = {"events": EventScore(), "grounding": GroundingScore(), "order": TemporalOrderScore()}
+        self._val_examples = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss_sum, num_tokens = self._loss(batch["train"])
         self.log("val/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
         self.log("val/skipped_samples", batch["train"][SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
+        scores = self._val_scores
         for prompt, reference, target in zip(batch["generate"], batch["reference_events"], batch["reference_text"]):
             text = greedy_description(self.model, self.processor, prompt, self.max_new_tokens)
             if reference is not None:
-                self._val_score = self._val_score.add(score_description(text, reference))
+                scores["events"] = scores["events"].add(score_description(text, reference))
+                scores["order"] = scores["order"].add(score_order(text, reference))
             if "<frame:" in target:  # SFT-1: are the described events' frame spans right?
-                self._val_grounding = self._val_grounding.add(score_grounding(text, target))
+                scores["grounding"] = scores["grounding"].add(score_grounding(text, target))
             if len(self._val_examples) < self.num_logged_examples:
                 self._val_examples.append(f"predicted: {text!r} | reference events: {reference}")
 
     def on_validation_epoch_end(self) -> None:
-        events, grounding = self._val_score, self._val_grounding
-        counts = torch.tensor([events.num_matched, events.num_predicted, events.num_reference, grounding.num_exact,
-                               grounding.iou_sum, grounding.num_reference], dtype=torch.float64, device=self.device)
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        events, grounding = EventScore(*map(int, counts[:3])), GroundingScore(int(counts[3]), counts[4], int(counts[5]))
+        scores = self._summed_over_ranks(self._val_scores)
+        events, grounding, order = scores["events"], scores["grounding"], scores["order"]
         if events.num_reference:
             self.log("val/event_f1", events.f1, prog_bar=True, rank_zero_only=True)
             self.log_dict({"val/event_precision": events.precision, "val/event_recall": events.recall},
@@ -73,6 +75,17 @@ class LMRecipe(RecipeBase):
         if grounding.num_reference:
             self.log_dict({"val/frame_span_accuracy": grounding.exact_accuracy, "val/frame_span_iou": grounding.mean_iou},
                           rank_zero_only=True)
+        if order.num_clips:  # clips with two or more events: are they told in the right order?
+            self.log_dict({"val/order_pair_accuracy": order.pair_accuracy, "val/order_clip_accuracy": order.clip_accuracy},
+                          rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for example in self._val_examples:
                 log.info("step %d val example: %s", self.global_step, example)
+
+    def _summed_over_ranks(self, scores: dict[str, Any]) -> dict[str, Any]:
+        """Count dataclasses added up over every rank (one all-reduce for all of them)."""
+        flat = [float(value) for score in scores.values() for value in dataclasses.astuple(score)]
+        totals = iter(self.trainer.strategy.reduce(torch.tensor(flat, dtype=torch.float64, device=self.device),
+                                                   reduce_op="sum").tolist())
+        return {name: type(score)(*(type(getattr(score, field.name))(next(totals)) for field in dataclasses.fields(score)))
+                for name, score in scores.items()}
