@@ -1,0 +1,61 @@
+"""kill -9 in the middle of a run, resume=auto: the steps after the checkpoint repeat the uninterrupted
+run's numbers exactly, on the same samples, to the same final weights."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_DATA, run_train, train_env
+
+pytestmark = pytest.mark.slow
+RUN = ["recipe=sft", *TINY_DATA, "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=6",
+       "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.keep_last=5"]
+
+
+def _losses_by_step(run_dir) -> dict[int, float]:
+    """The last logged loss of each step (a killed run may have logged steps its resume repeats)."""
+    rows = csv.DictReader(open(run_dir / "logs" / "metrics.csv"))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def _final(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "step-000006.ckpt", map_location="cpu", weights_only=False)
+
+
+def _data_state(checkpoint: dict) -> dict:
+    return next(v for k, v in checkpoint.items() if k.endswith("DataModule"))
+
+
+def test_kill_9_then_resume_repeats_the_uninterrupted_run(tmp_path, cache_root):
+    (tmp_path / "straight").mkdir()
+    run_train(RUN, cwd=tmp_path / "straight", cache_root=cache_root)
+    straight = tmp_path / "straight" / "outputs" / "sft"
+
+    cwd = tmp_path / "killed"
+    cwd.mkdir()
+    run_dir = cwd / "outputs" / "sft"
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN], cwd=cwd, env=train_env(cache_root),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step-000002.ckpt").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(float(torch.rand(1)) * 2)  # somewhere after the first checkpoint, maybe in the middle of the next save
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "checkpoints" / "step-000006.ckpt").exists(), "killed too late to test anything"
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
+
+    run_train([*RUN, "resume=auto"], cwd=cwd, cache_root=cache_root)
+    resumed_from = int(saved[-1][5:11])
+    expected, got = _losses_by_step(straight), _losses_by_step(run_dir)
+    assert all(got[step] == expected[step] for step in range(resumed_from, 6)), (saved, expected, got)
+    final, reference = _final(run_dir), _final(straight)
+    assert _data_state(final) == _data_state(reference)  # the same samples consumed
+    assert all(torch.equal(final["state_dict"][name], reference["state_dict"][name]) for name in reference["state_dict"])
