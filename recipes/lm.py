@@ -32,9 +32,11 @@ class LMRecipe(RecipeBase):
         self._val_examples: list[str] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # First: under FSDP2 every rank must gather the vision blocks in the same order, text-only or not.
+        vision_term = text_only_vision_term(self.model, batch)
         logits = self.model(**model_inputs(batch), use_cache=False).logits  # a cache would hide packed samples' boundaries
         loss_sum, num_tokens = summed_token_cross_entropy(logits, batch["labels"])
-        return loss_sum + text_only_vision_term(self.model, batch), num_tokens
+        return loss_sum + vision_term, num_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, num_tokens = self._loss(batch)
