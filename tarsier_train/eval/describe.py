@@ -13,6 +13,7 @@ from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.eval.event_f1 import EventScore, corpus_event_score, reference_events
+from tarsier_train.eval.grounding import GroundingScore, score_grounding
 
 
 @torch.no_grad()
@@ -39,3 +40,22 @@ def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards:
             yield greedy_description(model, processor, prompt, max_new_tokens), reference_events(record)
 
     return corpus_event_score(described())
+
+
+def evaluate_grounding(model: PreTrainedModel, processor: ProcessorMixin, shards: Iterable[str],
+                       num_frames: int = 8, duplicate_frames: bool = True, max_new_tokens: int = 64,
+                       outputs: list[tuple[str, str]] | None = None) -> GroundingScore:
+    """Frame-grounding score of the model's answers to every clip's grounded prompt (task video/grounding):
+    exact `<frame: i-j>` spans and span IoU against the grounded reference of the same sampled frames.
+    `outputs`, when given, collects (prediction, reference) per clip."""
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=num_frames), duplicate_frames=duplicate_frames)
+    model.eval()
+    total = GroundingScore()
+    for raw in wds.WebDataset(list(shards), shardshuffle=False, nodesplitter=None, workersplitter=None):
+        sample = canonical_sample(raw["__key__"], json.loads(raw["json"]), task="video/grounding")
+        task_input = transform.prepare(sample, media_bytes(sample, raw))
+        prediction = greedy_description(model, processor, transform.generation_inputs(task_input), max_new_tokens)
+        total = total.add(score_grounding(prediction, task_input.target))
+        if outputs is not None:
+            outputs.append((prediction, task_input.target))
+    return total
