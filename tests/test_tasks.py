@@ -86,3 +86,18 @@ def test_video_tasks_refuse_samples_without_exactly_one_video():
         render_task(_sample("video/frame_order"), images, [], None)
     assert render_task(_sample("image/qa", "What is it?", "A square."), images, [], None).target == "A square."
     assert render_task(_sample("image/caption"), images, [], None).prompt == DEFAULT_PROMPTS["image/caption"]
+
+
+def test_a_retasked_record_is_asked_the_new_task_s_question():
+    from tarsier_train.data.records import canonical_sample
+
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "video", "video": {"video_file": "k.mp4"}},
+                                     {"type": "text", "text": "Describe the video in detail."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The red circle moves left."}]}],
+        "task": "video/caption", "extra_info": {"events": EVENTS}}
+    grounded = render_task(canonical_sample("k", record, "video/grounding"), _frames(4), [0, 5, 10, 15], None)
+    assert grounded.prompt == DEFAULT_PROMPTS["video/grounding"]
+    written = render_task(canonical_sample("k", {**record, "task": "video/grounding"}), _frames(4), [0, 5, 10, 15], None)
+    assert written.prompt == "Describe the video in detail."  # a grounding record's own question stays
+    assert canonical_sample("k", record, "video/caption").retasked is False

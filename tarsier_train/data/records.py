@@ -17,6 +17,8 @@ class VideoTextSample:
     # frame/time selection}} or {"type": "image", "image": {image_file}}; empty: text-only.
     media: tuple[dict[str, Any], ...]
     record: dict[str, Any]
+    # The task was overridden (data.task / a source's task): the record's own question belongs to another task.
+    retasked: bool = False
 
     @property
     def video(self) -> dict[str, Any] | None:
@@ -39,9 +41,10 @@ def canonical_sample(key: str, record: dict[str, Any], task: str | None = None) 
             raise ValueError(f"{key}: {item['type']} item without '{item['type']}.{MEDIA_FILE_KEY[item['type']]}'")
     prompt = " ".join(item["text"] for item in user["content"] if item.get("type") == "text")
     target = " ".join(item["text"] for item in assistant["content"] if item.get("type") == "text")
-    if task is not None:
+    retasked = task is not None and task != record.get("task")
+    if retasked:
         record = {**record, "task": task}
-    return VideoTextSample(key, prompt, target, media, record)
+    return VideoTextSample(key, prompt, target, media, record, retasked)
 
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "gif")

@@ -67,7 +67,7 @@ def grounding(sample: VideoTextSample, visuals: tuple[Visual, ...], indices: Seq
             parts.append(f"<frame: {seen[0]}-{seen[-1]}> {event['text']}")
     if not parts:
         raise ValueError(f"{sample.key}: grounding record has no event inside the sampled frames")
-    return TaskInput(sample.key, sample.prompt or DEFAULT_PROMPTS["video/grounding"], " ".join(parts), visuals)
+    return TaskInput(sample.key, _own_prompt(sample) or DEFAULT_PROMPTS["video/grounding"], " ".join(parts), visuals)
 
 
 def frame_order(sample: VideoTextSample, visuals: tuple[Visual, ...], indices: Sequence[int],
@@ -98,10 +98,16 @@ def tracking(sample: VideoTextSample, visuals: tuple[Visual, ...], indices: Sequ
     if len(boxes) < 2:
         raise ValueError(f"{sample.key}: tracking needs boxes in at least two sampled frames, got {len(boxes)}")
     (first, first_box), later = boxes[0], boxes[1:]
-    prompt = sample.prompt or DEFAULT_PROMPTS["video/tracking"].format(
+    prompt = _own_prompt(sample) or DEFAULT_PROMPTS["video/tracking"].format(
         object=track.get("object", "The object").capitalize(), box=_box_text(first_box), first=first)
     target = "; ".join(f"frame {position}: {_box_text(box)}" for position, box in later)
     return TaskInput(sample.key, prompt, target, visuals)
+
+
+def _own_prompt(sample: VideoTextSample) -> str:
+    """The record's question, unless the record was written for another task (a caption re-tasked as
+    grounding must be asked for grounding, not for a caption)."""
+    return "" if sample.retasked else sample.prompt
 
 
 def _boxes_at(annotated: dict[Any, Sequence[float]], indices: Sequence[int]) -> list[np.ndarray | None]:
