@@ -11,9 +11,11 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from recipes.strategies import FSDP2Strategy
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
 from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.data.transform import TRUNCATED_KEY
+from tarsier_train.distributed.fsdp import shard_model
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -44,6 +46,12 @@ class RecipeBase(L.LightningModule):
             "data/skipped_samples": float(self._num_skipped),
             "data/truncated_samples": float(self._num_truncated),
         }, batch_size=len(batch["input_ids"]))
+
+    def configure_model(self) -> None:
+        """Under trainer=fsdp: shard the model (FSDP2 per ViT block, merger, decoder layer, then the root)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy):
+            shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.mixed_precision)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # The factory takes the model: per-part learning rates and layer-wise decay need parameter names.

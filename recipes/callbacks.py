@@ -10,8 +10,10 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from tarsier_train.checkpoint.export import export_hf
+from recipes.strategies import FSDP2Strategy
+from tarsier_train.checkpoint.export import export_full_state_dict, export_hf
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,11 @@ class HFExport(L.Callback):
         self.output_dir = output_dir
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
+        if isinstance(trainer.strategy, FSDP2Strategy):  # every rank gives its shards, rank 0 saves
+            state = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if trainer.is_global_zero:
+                export_full_state_dict(pl_module.model, state, pl_module.processor, self.output_dir)
+        elif trainer.is_global_zero:
             export_hf(pl_module.model, pl_module.processor, self.output_dir)
+        if trainer.is_global_zero:
             log.info("exported Hugging Face model to %s", self.output_dir)

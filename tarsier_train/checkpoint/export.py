@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 import logging
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from omegaconf import OmegaConf
 from transformers import PreTrainedModel, ProcessorMixin
 
@@ -26,6 +28,30 @@ def export_hf(model: PreTrainedModel, processor: ProcessorMixin, output_dir: str
     return output_dir
 
 
+def export_full_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], processor: ProcessorMixin,
+                           output_dir: str | Path) -> Path:
+    """Save a gathered (unsharded) state dict of `model`'s architecture, e.g. of an FSDP2-sharded model."""
+    if any("lora_" in name for name in state_dict):
+        raise NotImplementedError("exporting a sharded LoRA model: export its checkpoint with "
+                                  "python -m tarsier_train.checkpoint.export <run_dir>/checkpoints/step-N.ckpt")
+    with torch.device("meta"):
+        plain = type(model)._from_config(model.config)
+    plain.load_state_dict(state_dict, strict=True, assign=True)
+    plain.tie_weights()
+    return export_hf(plain, processor, output_dir)
+
+
+def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) module state dict of a Lightning checkpoint file or of a sharded DCP directory
+    (trainer=fsdp), consolidated on CPU."""
+    if not checkpoint.is_dir():
+        return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    with tempfile.TemporaryDirectory() as scratch:
+        consolidated = Path(scratch) / "consolidated.pt"
+        dcp_to_torch_save(checkpoint, consolidated)
+        return torch.load(consolidated, map_location="cpu", weights_only=False)["state_dict"]
+
+
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path) -> Path:
     """Rebuild the run's model from its saved config, load the checkpoint's weights, save_pretrained."""
     from hydra.utils import instantiate
@@ -35,12 +61,13 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path) -> Path:
     checkpoint = Path(checkpoint)
     config_path = checkpoint.parent.parent / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: export expects <run_dir>/checkpoints/<name>.ckpt")
+        raise FileNotFoundError(f"{config_path} not found: export expects <run_dir>/checkpoints/<name>.ckpt "
+                                "(a file, or a sharded checkpoint directory)")
     cfg = OmegaConf.load(config_path)
     model_dir = instantiate(cfg.model.dir)
     model = build_model(model_dir, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trainable,
                         cfg.model.lora)  # the trained structure (adapters included) that the weights fit
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = checkpoint_state_dict(checkpoint)
     weights = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(weights, strict=True)
     return export_hf(model, load_processor(model_dir), output_dir)

@@ -9,13 +9,19 @@ STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step; partial writes (*.partial) never match."""
+    """The complete checkpoint with the highest step: a file, or a sharded (DCP) directory; partial writes
+    (*.partial) never match."""
     candidates = []
     for path in (Path(run_dir) / "checkpoints").glob("step-*.ckpt"):
         match = STEP_CHECKPOINT.match(path.name)
-        if match and path.is_file():
+        if match and is_checkpoint(path):
             candidates.append((int(match.group(1)), path))
     return max(candidates)[1] if candidates else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A single-file checkpoint, or a sharded one: a DCP directory with Lightning's metadata file."""
+    return path.is_file() or (path / "meta.pt").is_file()
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
@@ -31,6 +37,7 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     if resume == "auto":
         return latest
     path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file (allowed: null, auto, or a .ckpt path)")
+    if not is_checkpoint(path):
+        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (allowed: null, auto, or a .ckpt file or "
+                                "sharded checkpoint directory)")
     return path
