@@ -2,16 +2,21 @@
 
     python bench/dpo_step_cost.py [--pairs 4] [--frames 8] [--rounds 7] [--threads 1]
 
-Toy-world synthetic pairs (`ensure_derived(..., "pairs")`) are decoded and processed once. Four steps then
-run forward + backward (no optimiser step: it costs all four the same) on the same tiny Qwen2-VL:
-  (a) ours, precomputed reference: DPORecipe.pair_loss, one model, the ViT once per pair;
-  (b) ours, frozen reference: DPORecipe.pair_loss, the reference forward (shared ViT too) under no_grad;
-  (c) naive: chosen and rejected rows each carry their own copy of the media (ViT per sequence, as TRL's
+Toy-world synthetic pairs (`ensure_derived(..., "pairs")`) are decoded and processed once. Six steps then
+run forward + backward (no optimiser step: it costs all of them the same) on the same tiny Qwen2-VL:
+  (a) ours, data.pair_layout=shared_prefix, precomputed reference: DPORecipe.pair_loss, one row per pair (media,
+      prompt, chosen answer, rejected answer; the rejected answer masked off the chosen one), the ViT once per pair;
+  (b) the same, frozen reference: the reference forward (same layout) under no_grad;
+  (c) ours, data.pair_layout=two_rows, precomputed reference: a row per answer, the ViT once per pair, the language
+      model reads the prompt and media tokens twice;
+  (d) the same, frozen reference;
+  (e) naive: chosen and rejected rows each carry their own copy of the media (ViT per sequence, as TRL's
       concatenated forward does), policy and frozen reference alike;
-  (d) SFT on the chosen answers only: same prompts and media, VideoTextCollator, token-mean cross-entropy.
-Rounds alternate over the four so machine noise hits them alike; medians are reported. Before timing, the
+  (f) SFT on the chosen answers only: same prompts and media, VideoTextCollator, token-mean cross-entropy.
+Rounds alternate over the six so machine noise hits them alike; medians are reported. Before timing, the
 policy is moved off the reference (seeded noise) so the log-ratios are not 0, and the script asserts that
-(a), (b) and (c) give the same loss, metrics and policy gradients.
+(a) to (e) give the same loss, metrics and policy gradients, and that both layouts precompute the same reference
+log-probs.
 """
 
 from __future__ import annotations
@@ -30,21 +35,30 @@ import webdataset as wds
 
 from recipes.dpo import DPORecipe
 from tarsier_train.data.collate import VideoTextCollator, model_inputs
-from tarsier_train.data.pairs import CHOSEN, REFERENCE_KEY, REJECTED, PairCollator, pair_inputs
+from tarsier_train.data.packing import RopeIndex
+from tarsier_train.data.pairs import (
+    CHOSEN,
+    REFERENCE_KEY,
+    REJECTED,
+    PairCollator,
+    SharedPrefixPairCollator,
+    pair_inputs,
+)
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VISUAL_INPUTS, VideoTextTransform
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.losses.dpo import DPOLossSettings, SequenceLogps, dpo_loss, pair_logps, sequence_logps
 from tarsier_train.models import load_model, load_processor, tiny_qwen2_vl_dir
-from tarsier_train.models.shared_media import paired_logits
+from tarsier_train.models.shared_media import pair_answer_logps
 from tarsier_train.optim import grouped_optimizer, warmup_cosine
 from tarsier_train.toyworld import ToyWorldSpec, ensure_derived
 
 POLICY_NOISE = 0.01  # std of the seeded noise that moves the policy off the reference before the checks
 Loss = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-PRECOMPUTED, FROZEN = "(a) ours, precomputed ref", "(b) ours, frozen ref"
-NAIVE, SFT = "(c) naive, ViT per sequence", "(d) SFT, chosen answers"
+PRECOMPUTED, FROZEN = "(a) shared prefix, precomputed ref", "(b) shared prefix, frozen ref"
+TWO_ROWS_PRECOMPUTED, TWO_ROWS_FROZEN = "(c) two rows, precomputed ref", "(d) two rows, frozen ref"
+NAIVE, SFT = "(e) naive, ViT per sequence", "(f) SFT, chosen answers"
 PRECOMPUTE = "reference precompute (one-off)"
 
 
@@ -87,9 +101,8 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[
 
 @torch.no_grad()
 def precomputed_reference(reference, batch: dict[str, torch.Tensor], settings: DPOLossSettings) -> list[tuple]:
-    """What recipe=dpo_precompute stores per pair: the reference's (chosen, rejected) log-probs, shared ViT."""
-    logps = sequence_logps(paired_logits(reference, batch), batch["labels"])
-    chosen, rejected = pair_logps(*logps.split_chosen_rejected(), settings.ld_alpha)
+    """What recipe=dpo_precompute stores per pair: the reference's (chosen, rejected) log-probs (either layout)."""
+    chosen, rejected = pair_logps(*pair_answer_logps(reference, batch), settings.ld_alpha)
     return list(zip(chosen.tolist(), rejected.tolist(), strict=True))
 
 
@@ -106,7 +119,7 @@ def seconds_per_round(steps: dict[str, Callable[[], object]], model, rounds: int
 
 
 def check_same_numbers(steps: dict[str, Loss], model, beta: float) -> tuple[float, list[float]]:
-    """(a), (b) and (c) agree on loss, metrics and policy gradients; returns the loss and the mean log-ratios."""
+    """All steps agree on loss, metrics and policy gradients; returns the loss and the mean log-ratios."""
     results = {}
     for name, loss in steps.items():
         value, metrics = loss()
@@ -127,8 +140,9 @@ def check_same_numbers(steps: dict[str, Loss], model, beta: float) -> tuple[floa
     return loss.item(), log_ratios
 
 
-def dpo_steps(model, processor, pairs: list[dict], settings: DPOLossSettings) -> tuple[dict[str, Loss], Callable]:
-    """Losses (a), (b), (c) and (d) on the same pairs, the policy moved off the reference; and the precompute pass."""
+def dpo_steps(model, processor, rope_index: RopeIndex, pairs: list[dict], settings: DPOLossSettings
+              ) -> tuple[dict[str, Loss], Callable]:
+    """Losses (a) to (f) on the same pairs, the policy moved off the reference; and the precompute pass."""
     # The factories are never called: the bench times forward + backward, not the optimiser step.
     optimizer = functools.partial(grouped_optimizer, optimizer=torch.optim.AdamW, lr=1e-6)
     wiring = {"processor": processor, "loss": settings, "optimizer": optimizer,
@@ -141,20 +155,25 @@ def dpo_steps(model, processor, pairs: list[dict], settings: DPOLossSettings) ->
         for parameter in model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * POLICY_NOISE)
     pad = processor.tokenizer.pad_token_id
-    pair_batch = PairCollator(pad)(pairs)
-    references = precomputed_reference(reference, pair_batch, settings)
+    shared_prefix, two_rows = SharedPrefixPairCollator(pad, rope_index), PairCollator(pad)
+    shared_batch, pair_batch = shared_prefix(pairs), two_rows(pairs)
+    references = precomputed_reference(reference, shared_batch, settings)  # the default layout's numbers ...
+    torch.testing.assert_close(precomputed_reference(reference, pair_batch, settings), references,  # ... either's
+                               rtol=1e-6, atol=1e-5)
     stored = [{**pair, REFERENCE_KEY: ref} for pair, ref in zip(pairs, references, strict=True)]
-    with_reference = PairCollator(pad)(stored)
+    shared_with_reference, pair_with_reference = shared_prefix(stored), two_rows(stored)
     naive_batch = VideoTextCollator(pad)(rows_with_media(pairs, (CHOSEN, REJECTED)))
     sft_batch = VideoTextCollator(pad)(rows_with_media(pairs, (CHOSEN,)))
     assert torch.equal(naive_batch["input_ids"], pair_batch["input_ids"])  # same rows, same padding
     steps: dict[str, Loss] = {
-        PRECOMPUTED: lambda: precomputed.pair_loss(with_reference),
-        FROZEN: lambda: frozen.pair_loss(pair_batch),
+        PRECOMPUTED: lambda: precomputed.pair_loss(shared_with_reference),
+        FROZEN: lambda: frozen.pair_loss(shared_batch),
+        TWO_ROWS_PRECOMPUTED: lambda: precomputed.pair_loss(pair_with_reference),
+        TWO_ROWS_FROZEN: lambda: frozen.pair_loss(pair_batch),
         NAIVE: lambda: naive_pair_loss(model, reference, naive_batch, settings),
         SFT: lambda: sft_loss(model, sft_batch),
     }
-    return steps, lambda: precomputed_reference(reference, pair_batch, settings)
+    return steps, lambda: precomputed_reference(reference, shared_batch, settings)
 
 
 def main() -> None:
@@ -170,9 +189,9 @@ def main() -> None:
     processor, model = load_processor(model_dir), load_model(model_dir)
     pairs = toy_pairs(cache, processor, args.pairs, args.frames)
     settings = DPOLossSettings()  # Tarsier2: sigmoid, beta 0.1
-    steps, precompute = dpo_steps(model, processor, pairs, settings)
+    steps, precompute = dpo_steps(model, processor, RopeIndex.from_pretrained(model_dir), pairs, settings)
     # The check runs each DPO step once with its backward: also the warm-up
-    loss, log_ratios = check_same_numbers({name: steps[name] for name in (PRECOMPUTED, FROZEN, NAIVE)}, model,
+    loss, log_ratios = check_same_numbers({name: step for name, step in steps.items() if name != SFT}, model,
                                           settings.beta)
     timed = {name: (lambda step=step: step()[0].backward()) for name, step in steps.items()}
     seconds_per_round({SFT: timed[SFT]}, model, 1)  # its warm-up
@@ -181,19 +200,23 @@ def main() -> None:
 
     batch = PairCollator(processor.tokenizer.pad_token_id)(pairs)
     lengths, video_tokens = batch["attention_mask"].sum(dim=1), int((batch["mm_token_type_ids"][0] == 2).sum())
-    print(f"{args.pairs} toy-world pairs, {args.frames} frames ({video_tokens} video tokens per row), rows of "
-          f"{int(lengths.min())}..{int(lengths.max())} tokens; tiny Qwen2-VL, sdpa, float32, "
-          f"{torch.get_num_threads()} threads; forward+backward, median of {args.rounds} alternating rounds")
-    print(f"same loss (a) = (b) = (c) = {loss:.6f} (metrics and policy gradients too; sigmoid, beta {settings.beta}, "
+    shared = SharedPrefixPairCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(model_dir))(pairs)
+    print(f"{args.pairs} toy-world pairs, {args.frames} frames ({video_tokens} video tokens per row), two-rows rows "
+          f"of {int(lengths.min())}..{int(lengths.max())} tokens, shared-prefix rows of {shared['input_ids'].shape[1]} "
+          f"({int(lengths.sum())} vs {round(float(shared['non_pad_fraction']) * shared['input_ids'].numel())} real "
+          f"tokens); tiny Qwen2-VL, sdpa, float32, {torch.get_num_threads()} threads; forward+backward, median of "
+          f"{args.rounds} alternating rounds")
+    print(f"same loss (a) = ... = (e) = {loss:.6f} (metrics and policy gradients too; sigmoid, beta {settings.beta}, "
           f"mean policy - reference log-ratio: chosen {log_ratios[0]:+.3f}, rejected {log_ratios[1]:+.3f})")
     for name in steps:
         spread = ", ".join(f"{s * 1e3 / args.pairs:.1f}" for s in sorted(seconds[name]))
-        print(f"  {name:30s} {ms_per_pair[name]:8.2f} ms per pair  {ms_per_pair[name] / ms_per_pair[SFT]:5.2f}x SFT"
+        print(f"  {name:36s} {ms_per_pair[name]:8.2f} ms per pair  {ms_per_pair[name] / ms_per_pair[SFT]:5.2f}x SFT"
               f"   (rounds: {spread})")
-    print(f"  {PRECOMPUTE:30s} {ms_per_pair[PRECOMPUTE]:8.2f} ms per pair  (forward, no grad, shared ViT; "
+    print(f"  {PRECOMPUTE:36s} {ms_per_pair[PRECOMPUTE]:8.2f} ms per pair  (forward, no grad, shared prefix; "
           f"once per pair, not per step)")
-    print(f"ours / naive: (a)/(c) {ms_per_pair[PRECOMPUTED] / ms_per_pair[NAIVE]:.2f}x, "
-          f"(b)/(c) {ms_per_pair[FROZEN] / ms_per_pair[NAIVE]:.2f}x; goal (a) <= 1.3x SFT: "
+    print(f"shared prefix / two rows: (a)/(c) {ms_per_pair[PRECOMPUTED] / ms_per_pair[TWO_ROWS_PRECOMPUTED]:.2f}x, "
+          f"(b)/(d) {ms_per_pair[FROZEN] / ms_per_pair[TWO_ROWS_FROZEN]:.2f}x; ours / naive: (a)/(e) "
+          f"{ms_per_pair[PRECOMPUTED] / ms_per_pair[NAIVE]:.2f}x; goal (a) <= 1.3x SFT: "
           f"{ms_per_pair[PRECOMPUTED] / ms_per_pair[SFT]:.2f}x")
 
 

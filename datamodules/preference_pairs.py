@@ -1,5 +1,6 @@
 """Preference-pair shards for DPO: the same streams, schedule and resume as SFT data; a pair is one
-prompt + media and a chosen and a rejected answer (`tarsier_train.data.pairs`)."""
+prompt + media and a chosen and a rejected answer (`tarsier_train.data.pairs`), batched in one of two layouts
+(data.pair_layout): shared_prefix (one row per pair, the prefix read once) or two_rows."""
 
 from __future__ import annotations
 
@@ -11,11 +12,41 @@ from transformers import ProcessorMixin
 
 from datamodules.toyworld import ToyWorldDataModule
 from datamodules.video_shards import VideoShardDataModule, expand_shards
-from tarsier_train.data.pairs import RAW_KEY, PairCollator, pair_inputs
+from tarsier_train.data.packing import RopeIndex
+from tarsier_train.data.pairs import (
+    PAIR_LAYOUTS,
+    RAW_KEY,
+    PairCollator,
+    PairLayout,
+    SharedPrefixPairCollator,
+    pair_inputs,
+)
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.stream import EvalStream
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.toyworld import ensure_derived
+
+# shared_prefix hands the model a 4D mask: sdpa takes it as is, eager as an additive one (see shared_media);
+# flash_attention_2 takes no 4D mask at all.
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
+
+
+def pair_collator(processor: ProcessorMixin, pair_layout: str, attn_implementation: str = "sdpa",
+                  model_dir: str | None = None) -> PairCollator | SharedPrefixPairCollator:
+    """The collator of a data.pair_layout, checked against the model's attention before any compute."""
+    pad = processor.tokenizer.pad_token_id
+    if pair_layout == "two_rows":
+        return PairCollator(pad)
+    if pair_layout != "shared_prefix":
+        raise ValueError(f"data.pair_layout={pair_layout!r}: allowed values are {', '.join(PAIR_LAYOUTS)}")
+    if attn_implementation not in SHARED_PREFIX_ATTENTION:
+        raise ValueError(f"data.pair_layout=shared_prefix with model.attn_implementation={attn_implementation!r}: "
+                         f"it needs a 4D attention mask ({', '.join(SHARED_PREFIX_ATTENTION)}); set "
+                         f"data.pair_layout=two_rows")
+    if model_dir is None:
+        raise ValueError("data.pair_layout=shared_prefix needs the model directory (train.py passes it) for M-RoPE "
+                         "positions")
+    return SharedPrefixPairCollator(pad, RopeIndex.from_pretrained(model_dir))
 
 
 class PairSamples:
@@ -25,10 +56,12 @@ class PairSamples:
     task: str | None
     predict_done_keys: list[frozenset[str]] | None
 
-    def _pair_setup(self, processor: ProcessorMixin, packing: bool) -> None:
-        if packing:
-            raise ValueError("data.packing=true: preference pairs are not packed (each batch row is one answer)")
-        self.collator = self.train_collator = PairCollator(processor.tokenizer.pad_token_id)
+    def _pair_setup(self, processor: ProcessorMixin, pair_layout: str, loader: dict[str, Any]) -> None:
+        if loader.get("packing", False):
+            raise ValueError("data.packing=true: preference pairs are not packed (set data.pair_layout instead)")
+        self.collator = self.train_collator = pair_collator(processor, pair_layout,
+                                                            loader.get("attn_implementation", "sdpa"),
+                                                            loader.get("model_dir"))
 
     @staticmethod
     def make_train_sample(transform: VideoTextTransform, task: str | None, key: str, record: dict, members: dict,
@@ -59,18 +92,18 @@ class PairSamples:
 
 
 class PreferencePairDataModule(PairSamples, VideoShardDataModule):
-    def __init__(self, processor: ProcessorMixin, **kwargs: Any):
+    def __init__(self, processor: ProcessorMixin, pair_layout: PairLayout = "shared_prefix", **kwargs: Any):
         super().__init__(processor, **kwargs)
-        self._pair_setup(processor, kwargs.get("packing", False))
+        self._pair_setup(processor, pair_layout, kwargs)
 
 
 class ToyWorldPairDataModule(PairSamples, ToyWorldDataModule):
     """Synthetic toy-world pairs (true description vs. a temporally wrong one) for smoke runs and tests;
     the model-based sampler writes real pairs as shards for PreferencePairDataModule."""
 
-    def __init__(self, processor: ProcessorMixin, **kwargs: Any):
+    def __init__(self, processor: ProcessorMixin, pair_layout: PairLayout = "shared_prefix", **kwargs: Any):
         super().__init__(processor, **kwargs)
-        self._pair_setup(processor, kwargs.get("packing", False))
+        self._pair_setup(processor, pair_layout, kwargs)
 
     def prepare_data(self) -> None:
         super().prepare_data()

@@ -1,5 +1,6 @@
 """Preference optimisation on pairs (Stage 3): TRL's DPO loss types, against a frozen reference model or
-reference log-probs precomputed with the pairs; each pair's media go through the ViT once."""
+reference log-probs precomputed with the pairs; each pair's media go through the ViT once, in either pair layout
+(data.pair_layout: shared_prefix reads the prompt and media once per pair, two_rows once per answer)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
 from recipes.writers import HANDLED, SAMPLES
-from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED
+from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED, num_pairs
 from tarsier_train.data.stream import SKIPPED_KEY
-from tarsier_train.losses.dpo import DPOLossSettings, dpo_loss, pair_logps, sequence_logps
-from tarsier_train.models.shared_media import paired_logits
+from tarsier_train.losses.dpo import DPOLossSettings, dpo_loss, pair_logps
+from tarsier_train.models.shared_media import pair_answer_logps
 from tarsier_train.models.vision import text_only_vision_term
 
 ReferenceMode = Literal["frozen", "precomputed"]
@@ -45,20 +46,19 @@ class DPORecipe(RecipeBase):
                                  "objective.reference=frozen")
             return batch[REFERENCE_KEY][:, 0].float(), batch[REFERENCE_KEY][:, 1].float()
         with torch.no_grad():
-            logps = sequence_logps(paired_logits(self._reference_model, batch), batch["labels"])
-        return pair_logps(*logps.split_chosen_rejected(), self.loss_settings.ld_alpha)
+            return pair_logps(*pair_answer_logps(self._reference_model, batch), self.loss_settings.ld_alpha)
 
     def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DPO loss of a pair batch and its TRL-named metrics."""
-        chosen, rejected = sequence_logps(paired_logits(self.model, batch), batch["labels"]).split_chosen_rejected()
+        chosen, rejected = pair_answer_logps(self.model, batch)
         loss, metrics = dpo_loss(chosen, rejected, *self._reference_logps(batch), self.loss_settings)
         return loss + text_only_vision_term(self.model, batch), metrics
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.pair_loss(batch)
-        num_pairs = len(batch["input_ids"]) // 2
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=num_pairs)
-        self.log_dict(metrics, batch_size=num_pairs)  # TRL's names: rewards/chosen, rewards/margins, ...
+        pairs = num_pairs(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=pairs)
+        self.log_dict(metrics, batch_size=pairs)  # TRL's names: rewards/chosen, rewards/margins, ...
         self.log_data_counts(batch)
         return loss
 
@@ -66,8 +66,7 @@ class DPORecipe(RecipeBase):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
         """recipe=dpo_precompute: the pairs again, with this (initial, i.e. reference) model's log-probs stored in
         extra_info.reference_logps, so DPO can run with objective.reference=precomputed and one model in memory."""
-        logps = sequence_logps(paired_logits(self.model, batch), batch["labels"])
-        chosen, rejected = pair_logps(*logps.split_chosen_rejected(), self.loss_settings.ld_alpha)
+        chosen, rejected = pair_logps(*pair_answer_logps(self.model, batch), self.loss_settings.ld_alpha)
         written = []
         for raw, chosen_logp, rejected_logp in zip(batch[RAW_KEY], chosen.tolist(), rejected.tolist()):
             record = {**raw["record"], "extra_info": {**raw["record"].get("extra_info", {}),
@@ -77,7 +76,7 @@ class DPORecipe(RecipeBase):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, metrics = self.pair_loss(batch)
-        num_pairs = len(batch["input_ids"]) // 2
-        self.log("val/loss", loss, batch_size=num_pairs, sync_dist=True, prog_bar=True)
-        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=num_pairs, sync_dist=True)
+        pairs = num_pairs(batch)
+        self.log("val/loss", loss, batch_size=pairs, sync_dist=True, prog_bar=True)
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=pairs, sync_dist=True)
         self.log("val/skipped_samples", batch[SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)

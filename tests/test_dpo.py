@@ -1,5 +1,6 @@
 """Stage 3 through the real train.py: DPO against a frozen reference, and the same run on reference
-log-probs precomputed by recipe=dpo_precompute (one model in memory) giving the same numbers."""
+log-probs precomputed by recipe=dpo_precompute (one model in memory) giving the same numbers. The first two runs
+use the default pair layout (shared_prefix), the last one data.pair_layout=two_rows: same numbers across layouts."""
 
 import csv
 import json
@@ -31,7 +32,8 @@ def runs(tmp_path_factory, cache_root, tiny_model_dir):
     run_train(["recipe=dpo_precompute", start, *TOY], cwd=cwd, cache_root=cache_root)
     pairs = cwd / "outputs" / "dpo_precompute" / "pairs"
     run_train(["recipe=dpo", start, *RUN, "data=pairs", "data.num_frames=8", "objective.reference=precomputed",
-               "run_name=dpo_precomputed", f"data.train_shards={pairs}/train/*.tar", f"data.val_shards={pairs}/val/*.tar"],
+               "data.pair_layout=two_rows", "run_name=dpo_precomputed", f"data.train_shards={pairs}/train/*.tar",
+               f"data.val_shards={pairs}/val/*.tar"],
               cwd=cwd, cache_root=cache_root)
     return cwd / "outputs"
 
@@ -70,3 +72,4 @@ def test_precompute_refuses_random_frame_sampling(tmp_path, cache_root, tiny_mod
     result = run_train(["recipe=dpo_precompute", f"init_from={tiny_model_dir}", *TOY, "data.frame_sampling=segment"],
                        cwd=tmp_path, cache_root=cache_root, check=False)
     assert result.returncode != 0 and "precomputed reference log-probs need the frames" in result.stderr
+

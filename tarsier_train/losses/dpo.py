@@ -86,7 +86,7 @@ class DPOLossSettings:
 
 @dataclass(frozen=True)
 class SequenceLogps:
-    """Log-probs of each sequence's label tokens: `per_token` (rows, length - 1) is 0 where `mask` is False."""
+    """Log-probs of each sequence's label tokens: `per_token` (rows, positions) is 0 where `mask` is False."""
 
     per_token: torch.Tensor
     mask: torch.Tensor
@@ -110,11 +110,19 @@ class SequenceLogps:
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> SequenceLogps:
     """Per-token log-probs of the labels, shifted like `summed_token_cross_entropy`: position t predicts label t+1."""
-    targets = labels[:, 1:]
+    return target_logps(logits[:, :-1], labels[:, 1:], ignore_index)
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> SequenceLogps:
+    """Per-token log-probs of targets already aligned with the logits: position t's logits predict `targets[:, t]`.
+
+    For layouts where one label row cannot say what each position predicts (shared_prefix pair rows: both answers
+    start from the prefix's last position); each answer's tokens keep their order, as LD-DPO's cumsum needs.
+    """
     mask = targets != ignore_index
     # Only the labelled positions go through the float32 log-softmax: in a pair batch the answers are a small part
     # of a sequence that is mostly video tokens, so this avoids a full (rows, length, vocab) float32 copy.
-    picked = -F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
+    picked = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
     per_token = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
     return SequenceLogps(per_token, mask)
 

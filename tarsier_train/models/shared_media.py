@@ -1,4 +1,6 @@
-"""One forward over both answers of preference pairs, with each pair's media encoded once."""
+"""One forward over both answers of preference pairs, with each pair's media encoded once, in either pair layout
+(`tarsier_train.data.pairs`): two_rows shares the ViT's output between a pair's rows; shared_prefix has one row
+per pair, so the ViT runs once per pair anyway and the language model reads the prefix once too."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tarsier_train.data.collate import model_inputs
+from tarsier_train.data.pairs import CHOSEN_TARGETS, RAW_KEY, REFERENCE_KEY, REJECTED_TARGETS
+from tarsier_train.losses.dpo import SequenceLogps, sequence_logps, target_logps
 
 GRID_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
@@ -31,3 +35,27 @@ def paired_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
         if name in inputs:
             inputs[name] = torch.cat([inputs[name], inputs[name]])
     return model(**inputs, mm_encoder_outputs=encoded or None, use_cache=False).logits
+
+
+def shared_prefix_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a shared_prefix pair batch (`SharedPrefixPairCollator`): one row per pair, its 4D boolean mask and
+    4-row positions handed to the model as they are (transformers uses a 4D mask as given)."""
+    inputs = {name: value for name, value in model_inputs(batch).items()
+              if name not in (CHOSEN_TARGETS, REJECTED_TARGETS, REFERENCE_KEY, RAW_KEY)}
+    if model.config._attn_implementation == "eager":  # sdpa takes the boolean mask as is
+        # eager attention adds the mask to the scores: it must be additive, 0 or the dtype's minimum
+        mask, dtype = inputs["attention_mask"], model.get_input_embeddings().weight.dtype
+        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    return model(**inputs, use_cache=False).logits
+
+
+def pair_answer_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[SequenceLogps, SequenceLogps]:
+    """Per-token log-probs of each pair's chosen and of its rejected answer, from one forward, in either layout.
+
+    Both layouts give the same numbers (to float rounding): what a reference model stores with one holds for the other.
+    """
+    if CHOSEN_TARGETS in batch:
+        logits = shared_prefix_logits(model, batch)
+        return target_logps(logits, batch[CHOSEN_TARGETS]), target_logps(logits, batch[REJECTED_TARGETS])
+    return sequence_logps(paired_logits(model, batch), batch["labels"]).split_chosen_rejected()
