@@ -12,9 +12,11 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
+from recipes.strategies import FSDP2Strategy
 from recipes.writers import HANDLED, SAMPLES
 from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED, num_pairs
 from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.distributed.fsdp import shard_model
 from tarsier_train.losses.dpo import DPOLossSettings, dpo_loss, pair_logps
 from tarsier_train.models.shared_media import pair_answer_logps
 from tarsier_train.models.vision import text_only_vision_term
@@ -34,6 +36,12 @@ class DPORecipe(RecipeBase):
         self.__dict__["_reference_model"] = (copy.deepcopy(model).eval().requires_grad_(False)
                                              if reference == "frozen" else None)
 
+    def configure_model(self) -> None:
+        super().configure_model()
+        strategy = self.trainer.strategy
+        if self._reference_model is not None and isinstance(strategy, FSDP2Strategy):  # sharded like the policy
+            shard_model(self._reference_model, strategy.device_mesh["data_parallel"], strategy.mixed_precision)
+
     def on_fit_start(self) -> None:
         if self._reference_model is not None:
             self._reference_model.to(self.device)
@@ -42,17 +50,19 @@ class DPORecipe(RecipeBase):
         if self.reference == "precomputed":
             if REFERENCE_KEY not in batch:
                 raise ValueError("objective.reference=precomputed, but the pairs carry no extra_info.reference_logps: "
-                                 "write them with python -m tarsier_train.sampler.reference_logps, or use "
-                                 "objective.reference=frozen")
+                                 "write them with recipe=dpo_precompute, or use objective.reference=frozen")
             return batch[REFERENCE_KEY][:, 0].float(), batch[REFERENCE_KEY][:, 1].float()
         with torch.no_grad():
+            text_only_vision_term(self._reference_model, batch)  # sharded ranks gather the ViT in the same order
             return pair_logps(*pair_answer_logps(self._reference_model, batch), self.loss_settings.ld_alpha)
 
     def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DPO loss of a pair batch and its TRL-named metrics."""
+        reference = self._reference_logps(batch)
+        vision_term = text_only_vision_term(self.model, batch)  # first, as in LMRecipe: same collective order
         chosen, rejected = pair_answer_logps(self.model, batch)
-        loss, metrics = dpo_loss(chosen, rejected, *self._reference_logps(batch), self.loss_settings)
-        return loss + text_only_vision_term(self.model, batch), metrics
+        loss, metrics = dpo_loss(chosen, rejected, *reference, self.loss_settings)
+        return loss + vision_term, metrics
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.pair_loss(batch)

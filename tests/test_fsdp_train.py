@@ -65,3 +65,13 @@ def test_a_two_process_run_resumes_on_one_process_with_the_unseen_rest_of_the_ep
     # 2 ranks x 4 steps x 2 samples were read before; the re-dealt rest of epoch 0 is exactly the other 32
     assert sum(len(range(start, end)) for _, _, start, end in data["schedules"][0]["segment"][0]) == 48 - 16
     assert data["num_consumed"] == [[2 * 2]]  # then 2 steps x 2 samples of it on the one process
+
+
+def test_dpo_shards_its_frozen_reference_too(sharded_run, cache_root):
+    cwd, run_dir = sharded_run
+    run_train(["recipe=dpo", "experiment=toyworld_dpo", f"init_from={run_dir}", *FSDP[1:], "trainer.devices=2",
+               "trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_train_clips=24"],
+              cwd=cwd, cache_root=cache_root)
+    rows = list(csv.DictReader(open(cwd / "outputs" / "dpo" / "logs" / "metrics.csv")))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses[0] == pytest.approx(0.6931472, abs=1e-6) and losses[1] != losses[0]  # reference == policy at first
