@@ -34,9 +34,10 @@ class PreferenceSampler(L.LightningModule):
         self.counts: Counter[str] = Counter()
 
     @torch.no_grad()
-    def describe(self, prompt: dict[str, torch.Tensor], key: str) -> str:
-        """A sampled description; seeded by the clip, so a resumed run writes what an uninterrupted one would."""
-        torch.manual_seed(self.seed + zlib.crc32(key.encode()))
+    def describe(self, prompt: dict[str, torch.Tensor], key: str, copy: str) -> str:
+        """A sampled description, seeded by the clip and which copy it describes: a resumed run writes what an
+        uninterrupted one would, and the clean and corrupted copies do not share their random draws."""
+        torch.manual_seed(self.seed + zlib.crc32(f"{key}/{copy}".encode()))
         inputs = {name: value.to(self.device) for name, value in prompt.items()}
         output = self.model.generate(**inputs, do_sample=True, pad_token_id=self.processor.tokenizer.pad_token_id,
                                      **self.generation)
@@ -49,7 +50,7 @@ class PreferenceSampler(L.LightningModule):
             if self.max_pairs is not None and self.counts["kept"] >= self.max_pairs:
                 break  # the clips left are not handled: a later run with a higher cap takes them
             handled.append(key)
-            chosen, rejected = self.describe(clip[CLEAN], key), self.describe(clip[CORRUPTED], key)
+            chosen, rejected = self.describe(clip[CLEAN], key, CLEAN), self.describe(clip[CORRUPTED], key, CORRUPTED)
             chosen_score, rejected_score = self.judge.score(chosen, record), self.judge.score(rejected, record)
             kept = keep_pair(chosen_score, rejected_score, self.min_gain)
             self.counts.update({"clips": 1, f"clips/{provenance['corruption']}": 1,

@@ -108,8 +108,9 @@ def test_bad_target_is_reported():
 
 
 def test_redact_hides_secret_looking_values():
-    assert redact({"a": {"api_key": "s3cret", "wandb_token": "t"}, "lr": 1}) == {
-        "a": {"api_key": "<redacted>", "wandb_token": "<redacted>"}, "lr": 1}
+    assert redact({"a": {"api_key": "s3cret", "wandb_token": "t", "max_new_tokens": 64}, "Password": "p", "lr": 1}) == {
+        "a": {"api_key": "<redacted>", "wandb_token": "<redacted>", "max_new_tokens": 64}, "Password": "<redacted>",
+        "lr": 1}
 
 
 @pytest.mark.parametrize("args, expected", [

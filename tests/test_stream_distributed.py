@@ -32,7 +32,7 @@ SPEC_A = ToyWorldSpec(num_train_clips=20, num_val_clips=1, clips_per_shard=4, fr
 SPEC_B = ToyWorldSpec(num_train_clips=9, num_val_clips=1, clips_per_shard=9, frame_size=32, seed=12)
 SIZES = {"a": 20, "b": 9}
 BATCH, FIRST, MORE = 2, 3, 4  # FIRST odd: the resumed loader must start at the second worker
-DEADLINE_S = 150
+DEADLINE_S = 300
 
 
 def _tag_sample(tag: str, key: str, record: dict, members: dict, rng: Any) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 # Arguments train.py passes at build time rather than from YAML, per role.
 RUNTIME_ARGUMENTS = {"data": {"processor"}, "objective": {"model", "processor"}, "trainer": {"callbacks", "logger", "plugins", "default_root_dir"}}
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+# Whole words of a key (max_new_tokens is not a token): api_key, wandb_token, client_secret, password, ...
+SECRET_KEY = re.compile(r"(?:^|_)(?:api_?key|token|secret|password)(?:$|_)", re.IGNORECASE)
 RESUME_CHOICES = "null, auto, or a path to a .ckpt file"
 MODES = ("fit", "predict")
 
