@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -209,7 +208,7 @@ def _sharded_run(model_dir: str, case: dict[str, Any], batches: dict, mesh: Devi
 def _rank_main(job_file: str) -> None:
     job, rank = json.loads(Path(job_file).read_text()), int(os.environ["RANK"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{job['port']}", rank=rank, world_size=WORLD_SIZE,
+    dist.init_process_group("gloo", init_method=f"file://{job['store']}", rank=rank, world_size=WORLD_SIZE,
                             timeout=timedelta(seconds=job["timeout_s"]))
     batches = torch.load(job["batches"], weights_only=True)
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
@@ -227,12 +226,6 @@ def _rank_main(job_file: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, processor, tmp_path_factory) -> dict[str, Any]:
     """All cases on one pair of ranks (one start-up); the unsharded references computed meanwhile."""
@@ -240,7 +233,7 @@ def runs(tiny_model_dir, processor, tmp_path_factory) -> dict[str, Any]:
     batches = build_batches(processor)
     torch.save(batches, folder / "batches.pt")
     job = {"model_dir": tiny_model_dir, "batches": str(folder / "batches.pt"), "out": str(folder),
-           "cases": list(CASES), "port": _free_port(), "timeout_s": DEADLINE_S // 2}
+           "cases": list(CASES), "store": str(folder / "rendezvous.store"), "timeout_s": DEADLINE_S // 2}
     (folder / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     processes = []

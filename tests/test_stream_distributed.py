@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -98,7 +97,8 @@ def _rank_main(job_file: str) -> None:
     for phase in job["phases"]:
         if rank >= phase["world_size"]:
             continue
-        dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{phase['port']}", rank=rank,
+        # A file rendezvous: no port to pick, so none can be taken by another socket in the meantime.
+        dist.init_process_group("gloo", init_method=f"file://{phase['store']}", rank=rank,
                                 world_size=phase["world_size"], timeout=timedelta(seconds=DEADLINE_S))
         try:
             for run in phase["runs"]:
@@ -109,25 +109,14 @@ def _rank_main(job_file: str) -> None:
     Path(job["out"], f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:  # all bound at once, so the ports differ
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _launch(job: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
     """Run the job's phases on fresh processes (as many as the largest phase has ranks); what each saw, by run."""
     num_processes = max(phase["world_size"] for phase in job["phases"])
-    ports = _free_ports(len(job["phases"]))
-    job = {**job, "out": str(folder), "phases": [{**phase, "port": port} for phase, port in zip(job["phases"], ports)]}
+    job = {**job, "out": str(folder),
+           "phases": [{**phase, "store": str(folder / f"phase{n}.store")} for n, phase in enumerate(job["phases"])]}
     job_file = folder / "job.json"
     job_file.write_text(json.dumps(job))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1",
+    env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     processes = []
     for rank in range(num_processes):
