@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,29 @@ def run_train(args: list[str], cwd: Path, cache_root: Path, check: bool = True,
     if check and result.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+@contextlib.contextmanager
+def rank_processes(script: str, job_file: Path, num_ranks: int, deadline_s: float) -> Iterator[None]:
+    """`python SCRIPT JOB_FILE` once per rank (RANK set, logs beside the job file), as torchrun would start them;
+    the body runs meanwhile. On exit: wait for every rank, kill those past the deadline (a failed rank leaves the
+    others waiting in a collective), and fail with the log of any rank that did not succeed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    logs = [job_file.parent / f"rank{rank}.log" for rank in range(num_ranks)]
+    processes = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as handle:
+            processes.append(subprocess.Popen([sys.executable, script, str(job_file)], env={**env, "RANK": str(rank)},
+                                              stdout=handle, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + deadline_s
+    try:
+        yield
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for rank, process in enumerate(processes):
+        assert process.returncode == 0, f"rank {rank} failed:\n{logs[rank].read_text()[-6000:]}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -45,7 +44,8 @@ from tarsier_train.models.vision import text_only_vision_term
 from tarsier_train.optim import grouped_optimizer
 from tarsier_train.toyworld import generate_clip, render_frames
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import rank_processes
+
 WORLD_SIZE, NUM_STEPS, DEADLINE_S = 2, 2, 120
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0}  # no dropout: the ranks and the reference must draw nothing
 CASES: dict[str, dict[str, Any]] = {
@@ -235,25 +235,9 @@ def runs(tiny_model_dir, processor, tmp_path_factory) -> dict[str, Any]:
     job = {"model_dir": tiny_model_dir, "batches": str(folder / "batches.pt"), "out": str(folder),
            "cases": list(CASES), "store": str(folder / "rendezvous.store"), "timeout_s": DEADLINE_S // 2}
     (folder / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    processes = []
-    for rank in range(WORLD_SIZE):
-        with open(folder / f"rank{rank}.log", "w") as log:
-            processes.append(subprocess.Popen([sys.executable, __file__, str(folder / "job.json")],
-                                              env={**env, "RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + DEADLINE_S
-    try:
+    with rank_processes(__file__, folder / "job.json", WORLD_SIZE, DEADLINE_S):
         torch.set_num_threads(1)
         references = {name: reference_run(tiny_model_dir, case, batches) for name, case in CASES.items()}
-        for process in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process in processes:  # a rank that failed leaves the other waiting in a collective
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    for rank, process in enumerate(processes):
-        assert process.returncode == 0, f"rank {rank} failed:\n{(folder / f'rank{rank}.log').read_text()[-6000:]}"
     return {"folder": folder, "references": references}
 
 

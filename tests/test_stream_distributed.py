@@ -8,9 +8,7 @@ import functools
 import json
 import os
 import pickle
-import subprocess
 import sys
-import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -22,10 +20,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import tarsier_train.data.stream as stream_module
-from tarsier_train.data.stream import POSITION_KEY, Source, StreamProgress, VideoTextStream
+from tarsier_train.data.stream import (
+    POSITION_KEY,
+    Source,
+    StreamProgress,
+    VideoTextStream,
+)
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import rank_processes
+
 # Source "a": 5 whole shards (enough for 2 x 2 and 3 x 1 consumers); "b": one shard, cut into pieces.
 SPEC_A = ToyWorldSpec(num_train_clips=20, num_val_clips=1, clips_per_shard=4, frame_size=32, seed=11)
 SPEC_B = ToyWorldSpec(num_train_clips=9, num_val_clips=1, clips_per_shard=9, frame_size=32, seed=12)
@@ -116,24 +120,8 @@ def _launch(job: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
            "phases": [{**phase, "store": str(folder / f"phase{n}.store")} for n, phase in enumerate(job["phases"])]}
     job_file = folder / "job.json"
     job_file.write_text(json.dumps(job))
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    processes = []
-    for rank in range(num_processes):
-        with open(folder / f"rank{rank}.log", "w") as log:
-            processes.append(subprocess.Popen([sys.executable, __file__, str(job_file)], env={**env, "RANK": str(rank)},
-                                              stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        for process in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for process in processes:  # a rank that failed leaves the others waiting in a collective
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    for rank, process in enumerate(processes):
-        assert process.returncode == 0, f"rank {rank} failed:\n{(folder / f'rank{rank}.log').read_text()[-4000:]}"
+    with rank_processes(__file__, job_file, num_processes, DEADLINE_S):
+        pass
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(num_processes)]
 
 
