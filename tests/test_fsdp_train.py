@@ -2,7 +2,6 @@
 write sharded checkpoints atomically, export a plain HF model, and resume on 1 process."""
 
 import csv
-import json
 
 import pytest
 import torch
