@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, TINY_DATA, run_train, train_env
 
 pytestmark = pytest.mark.slow
-RUN = ["recipe=sft", *TINY_DATA, "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=6",
-       "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.keep_last=5"]
+RUN = ["recipe=sft", *TINY_DATA, "logger=csv", "trainer.log_every_n_steps=1", "trainer.max_steps=12",
+       "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.keep_last=10"]
 
 
 def _losses_by_step(run_dir) -> dict[int, float]:
@@ -25,7 +25,7 @@ def _losses_by_step(run_dir) -> dict[int, float]:
 
 
 def _final(run_dir) -> dict:
-    return torch.load(run_dir / "checkpoints" / "step-000006.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "step-000012.ckpt", map_location="cpu", weights_only=False)
 
 
 def _data_state(checkpoint: dict) -> dict:
@@ -46,16 +46,16 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run(tmp_path, cache_root):
     while not (run_dir / "checkpoints" / "step-000002.ckpt").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    time.sleep(float(torch.rand(1)) * 2)  # somewhere after the first checkpoint, maybe in the middle of the next save
+    time.sleep(float(torch.rand(1)) * 0.5)  # somewhere after the first checkpoint, maybe in the middle of the next save
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (run_dir / "checkpoints" / "step-000006.ckpt").exists(), "killed too late to test anything"
+    assert not (run_dir / "checkpoints" / "step-000012.ckpt").exists(), "killed too late to test anything"
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
 
     run_train([*RUN, "resume=auto"], cwd=cwd, cache_root=cache_root)
     resumed_from = int(saved[-1][5:11])
     expected, got = _losses_by_step(straight), _losses_by_step(run_dir)
-    assert all(got[step] == expected[step] for step in range(resumed_from, 6)), (saved, expected, got)
+    assert all(got[step] == expected[step] for step in range(resumed_from, 12)), (saved, expected, got)
     final, reference = _final(run_dir), _final(straight)
     assert _data_state(final) == _data_state(reference)  # the same samples consumed
     assert all(torch.equal(final["state_dict"][name], reference["state_dict"][name]) for name in reference["state_dict"])
