@@ -9,10 +9,16 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tarsier_train.data.collate import model_inputs
+from tarsier_train.data.packing import GRID_INPUTS
 from tarsier_train.data.pairs import CHOSEN_TARGETS, RAW_KEY, REFERENCE_KEY, REJECTED_TARGETS
 from tarsier_train.losses.dpo import SequenceLogps, sequence_logps, target_logps
 
-GRID_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+PAIR_BOOKKEEPING = (CHOSEN_TARGETS, REJECTED_TARGETS, REFERENCE_KEY, RAW_KEY)
+
+
+def pair_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a pair batch of either layout: no labels, targets or pair bookkeeping."""
+    return {name: value for name, value in model_inputs(batch).items() if name not in PAIR_BOOKKEEPING}
 
 
 def paired_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -21,7 +27,7 @@ def paired_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
     The vision tower runs once per pair: its features are handed to the language model for both rows
     (transformers' `mm_encoder_outputs`), so autograd sums both rows' gradients into one ViT pass.
     """
-    inputs = model_inputs(batch)
+    inputs = pair_model_inputs(batch)
     encoded = {}
     if "pixel_values_videos" in inputs:
         video = model.get_video_features(pixel_values_videos=inputs.pop("pixel_values_videos"),
@@ -40,8 +46,7 @@ def paired_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
 def shared_prefix_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a shared_prefix pair batch (`SharedPrefixPairCollator`): one row per pair, its 4D boolean mask and
     4-row positions handed to the model as they are (transformers uses a 4D mask as given)."""
-    inputs = {name: value for name, value in model_inputs(batch).items()
-              if name not in (CHOSEN_TARGETS, REJECTED_TARGETS, REFERENCE_KEY, RAW_KEY)}
+    inputs = pair_model_inputs(batch)
     if model.config._attn_implementation == "eager":  # sdpa takes the boolean mask as is
         # eager attention adds the mask to the scores: it must be additive, 0 or the dtype's minimum
         mask, dtype = inputs["attention_mask"], model.get_input_embeddings().weight.dtype
