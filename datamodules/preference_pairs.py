@@ -21,7 +21,7 @@ from tarsier_train.data.pairs import (
     SharedPrefixPairCollator,
     pair_inputs,
 )
-from tarsier_train.data.records import canonical_sample, media_bytes
+from tarsier_train.data.records import canonical_sample, media_bytes, media_members
 from tarsier_train.data.stream import EvalStream
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.toyworld import ensure_derived
@@ -78,7 +78,7 @@ class PairSamples:
     def make_predict_sample(self, key: str, record: dict, members: dict,
                             rng: np.random.Generator | None) -> dict[str, Any]:
         """A val-style pair that also carries what is needed to write it out again."""
-        media = {name: data for name, data in members.items() if not name.startswith("__") and name != "json"}
+        media = media_members(members)
         return {**self.make_val_sample(key, record, members, rng), RAW_KEY: {"key": key, "record": record, "media": media}}
 
     def predict_dataloader(self) -> list[DataLoader]:

@@ -14,7 +14,7 @@ from transformers import ProcessorMixin
 
 from datamodules.toyworld import ToyWorldDataModule
 from datamodules.video_shards import VideoShardDataModule, expand_shards
-from tarsier_train.data.records import canonical_sample, media_bytes
+from tarsier_train.data.records import canonical_sample, media_bytes, media_members
 from tarsier_train.data.stream import EvalStream
 from tarsier_train.data.tasks import TaskInput, Visual, render_task
 from tarsier_train.data.video import read_frames, seconds_between
@@ -57,7 +57,7 @@ class SamplingInputs:
         by_index = dict(zip(indices, frames))
         clean = render_task(sample, (self._visual(chosen[CLEAN], by_index, fps),), chosen[CLEAN], None)
         corrupted = TaskInput(key, clean.prompt, clean.target, (self._visual(chosen[CORRUPTED], by_index, fps),))
-        media = {name: value for name, value in members.items() if not name.startswith("__") and name != "json"}
+        media = media_members(members)
         return {
             CLEAN: self.transform.generation_inputs(clean), CORRUPTED: self.transform.generation_inputs(corrupted),
             PROVENANCE: {"corruption": corruption.name, "corruption_params": corruption.params,

@@ -51,6 +51,11 @@ VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "gif")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
 
+def media_members(members: dict[str, Any]) -> dict[str, bytes]:
+    """A WebDataset sample's media members (no record json, no `__key__`-style metadata), to write it out again."""
+    return {name: data for name, data in members.items() if not name.startswith("__") and name != "json"}
+
+
 def media_bytes(sample: VideoTextSample, members: dict[str, Any]) -> list[bytes]:
     """The bytes of each media item inside its WebDataset sample: the member its file names (`{key}.mp4`
     in the toy world, `{key}.0.mp4` from the shard writer), else, for a sample with one item, its only
