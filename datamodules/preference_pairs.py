@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import ProcessorMixin
 
 from datamodules.toyworld import ToyWorldDataModule
-from datamodules.video_shards import VideoShardDataModule, expand_shards
+from datamodules.video_shards import VideoShardDataModule
 from tarsier_train.data.packing import RopeIndex
 from tarsier_train.data.pairs import (
     PAIR_LAYOUTS,
@@ -22,7 +22,6 @@ from tarsier_train.data.pairs import (
     pair_inputs,
 )
 from tarsier_train.data.records import canonical_sample, media_bytes, media_members
-from tarsier_train.data.stream import EvalStream
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.toyworld import ensure_derived
 
@@ -54,7 +53,6 @@ class PairSamples:
 
     transform: VideoTextTransform
     task: str | None
-    predict_done_keys: list[frozenset[str]] | None
 
     def _pair_setup(self, processor: ProcessorMixin, pair_layout: str, loader: dict[str, Any]) -> None:
         if loader.get("packing", False):
@@ -86,9 +84,7 @@ class PairSamples:
         if self.transform.sampler.draws_at_random:
             raise ValueError("precomputed reference log-probs need the frames training will see: use a fixed "
                              "data.num_frames with frame_sampling uniform or fps (or frame_indices in the records)")
-        done = self.predict_done_keys or [frozenset(), frozenset()]
-        return [self._loader(EvalStream(expand_shards(shards), self.make_predict_sample, done_keys), self.collator)
-                for shards, done_keys in zip((self.train_shards, self.val_shards), done)]
+        return self.split_loaders(self.make_predict_sample, self.collator)
 
 
 class PreferencePairDataModule(PairSamples, VideoShardDataModule):

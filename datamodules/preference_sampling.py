@@ -13,9 +13,8 @@ from torch.utils.data import DataLoader
 from transformers import ProcessorMixin
 
 from datamodules.toyworld import ToyWorldDataModule
-from datamodules.video_shards import VideoShardDataModule, expand_shards
+from datamodules.video_shards import VideoShardDataModule
 from tarsier_train.data.records import canonical_sample, media_bytes, media_members
-from tarsier_train.data.stream import EvalStream
 from tarsier_train.data.tasks import TaskInput, Visual, render_task
 from tarsier_train.data.video import read_frames, seconds_between
 from tarsier_train.sampler import CORRUPTIONS, choose_corruption
@@ -29,7 +28,6 @@ class SamplingInputs:
     transform: Any
     task: str | None
     seed: int
-    predict_done_keys: list[frozenset[str]] | None
 
     def _sampling_setup(self, corruptions: Sequence[str], corruption_params: dict[str, dict[str, Any]] | None) -> None:
         self.corruptions, self.corruption_params = list(corruptions), dict(corruption_params or {})
@@ -71,9 +69,7 @@ class SamplingInputs:
 
     def predict_dataloader(self) -> list[DataLoader]:
         """Every train clip once, then every val clip once: the pairs for DPO's training and validation."""
-        done = self.predict_done_keys or [frozenset(), frozenset()]
-        return [self._loader(EvalStream(expand_shards(shards), self.make_predict_sample, done_keys), list)
-                for shards, done_keys in zip((self.train_shards, self.val_shards), done)]
+        return self.split_loaders(self.make_predict_sample, list)
 
 
 DEFAULT_CORRUPTIONS = tuple(CORRUPTIONS)

@@ -140,6 +140,13 @@ class VideoShardDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(EvalStream(expand_shards(self.val_shards), self.make_val_sample), self.collate_val)
 
+    def split_loaders(self, make_sample: Any, collate: Any) -> list[DataLoader]:
+        """For recipes that write data: every train sample once, then every val sample once (the writer's splits),
+        passing over inputs an interrupted earlier run already handled."""
+        done = self.predict_done_keys or [frozenset(), frozenset()]
+        return [self._loader(EvalStream(expand_shards(shards), make_sample, done_keys), collate)
+                for shards, done_keys in zip((self.train_shards, self.val_shards), done)]
+
     def _loader(self, stream: IterableDataset, collate: Any) -> DataLoader:
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
