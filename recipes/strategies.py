@@ -4,24 +4,38 @@ directories written atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from tarsier_train.distributed.fsdp import MixedPrecision
+from tarsier_train.distributed.fsdp import MixedPrecision, deferred_gradient_sync
 
 PARTIAL_SUFFIX = ".partial"
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    def __init__(self, mixed_precision: MixedPrecision = "bf16", **kwargs: Any):
+    def __init__(self, mixed_precision: MixedPrecision = "bf16", reduce_every_micro_batch: bool = True, **kwargs: Any):
         # Every process holds a shard (no tensor parallelism): the mesh's data-parallel axis is the world.
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True, **kwargs)
         if mixed_precision not in ("bf16", "fp32"):
             raise ValueError(f"trainer.strategy.mixed_precision={mixed_precision!r}: allowed values are bf16, fp32")
         self.mixed_precision = mixed_precision
+        self.reduce_every_micro_batch = reduce_every_micro_batch
+
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning enters this for the micro-batches of an accumulation before the last (its base class only
+        knows DDP). reduce_every_micro_batch=false defers FSDP2's reduce-scatter to the last micro-batch: one
+        per optimiser step, holding an unsharded gradient per rank meanwhile."""
+        if self.reduce_every_micro_batch:
+            yield
+        else:
+            with deferred_gradient_sync(self.lightning_module):
+                yield
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes

@@ -30,7 +30,7 @@ from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.data.video import encode_mp4
-from tarsier_train.distributed import shard_model
+from tarsier_train.distributed import deferred_gradient_sync, shard_model
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.losses.dpo import (
     DPOLossSettings,
@@ -64,6 +64,8 @@ CASES: dict[str, dict[str, Any]] = {
     # shared-media forward (ViT through get_video_features first) against a sharded frozen reference
     "dpo": {"batches": ("pair_a", "pair_b"), "objective": "dpo"},
     "bf16": {"batches": ("videos", "text"), "mixed_precision": "bf16"},
+    # two micro-batches per step (the rank's batch twice at half weight), the first without a reduce-scatter
+    "accumulate_deferred_sync": {"batches": ("videos", "video_and_text"), "accumulate": True},
 }
 TOLERANCE = {"bf16": {"atol": 5e-2, "rtol": 5e-2}}  # bf16 compute against the fp32 reference
 FP32_TOLERANCE = {"atol": 2e-5, "rtol": 1e-4}  # the ranks sum gradients in another order than one process
@@ -167,6 +169,16 @@ def reference_run(model_dir: str, case: dict[str, Any], batches: dict) -> dict[s
             "state": {k: v.detach() for k, v in model.state_dict().items()}}
 
 
+def _rank_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's loss to backward, the loss over all ranks to report) with the LM recipe's normalisation."""
+    loss_sum, num_tokens = lm_loss_sum(model, batch)
+    global_tokens = num_tokens.float()
+    dist.all_reduce(global_tokens)
+    reported = loss_sum.detach().clone()
+    dist.all_reduce(reported)
+    return loss_sum * WORLD_SIZE / global_tokens, reported / global_tokens  # FSDP averages the ranks' gradients
+
+
 def _sharded_run(model_dir: str, case: dict[str, Any], batches: dict, mesh: DeviceMesh) -> dict[str, Any]:
     """This rank's part of the same training, sharded; rank 0 gets the full trained state back."""
     model = _model(model_dir, case)
@@ -179,7 +191,7 @@ def _sharded_run(model_dir: str, case: dict[str, Any], batches: dict, mesh: Devi
     reference = None
     if case.get("objective") == "dpo":
         reference = shard_model(_model(model_dir, case).eval().requires_grad_(False), mesh, precision)
-    optimizer, losses, norms, frozen_grads = _optimizer(model), [], [], []
+    optimizer, losses, norms, frozen_grads, reduced_early = _optimizer(model), [], [], [], []
     for _ in range(NUM_STEPS):
         if reference is not None:
             loss = dpo_pair_loss(model, reference, batch)  # FSDP averages the ranks' gradients: the mean over ranks
@@ -187,19 +199,19 @@ def _sharded_run(model_dir: str, case: dict[str, Any], batches: dict, mesh: Devi
             dist.all_reduce(reported)
             reported /= WORLD_SIZE
         else:
-            loss_sum, num_tokens = lm_loss_sum(model, batch)
-            global_tokens = num_tokens.float()
-            dist.all_reduce(global_tokens)
-            loss = loss_sum * WORLD_SIZE / global_tokens  # the LM recipe's normalisation: FSDP averages gradients
-            reported = loss_sum.detach().clone()
-            dist.all_reduce(reported)
-            reported /= global_tokens
+            if case.get("accumulate"):
+                with deferred_gradient_sync(model):
+                    (_rank_lm_loss(model, batch)[0] / 2).backward()
+                reduced_early += [name for name, p in model.named_parameters() if p.grad is not None]
+            loss, reported = _rank_lm_loss(model, batch)
+            loss = loss / 2 if case.get("accumulate") else loss
         loss.backward()
         frozen_grads += [name for name, p in model.named_parameters() if name in frozen and p.grad is not None]
         losses.append(float(reported))
         norms.append(_step(model, optimizer))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {"losses": losses, "grad_norms": norms, "frozen_grads": frozen_grads, "generated": generated,
+    return {"losses": losses, "grad_norms": norms, "frozen_grads": frozen_grads, "reduced_early": reduced_early,
+            "generated": generated,
             "names_kept": [name for name, _ in model.named_parameters()] == names,
             "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
             "state": state}
@@ -247,7 +259,7 @@ def test_sharded_ranks_train_like_one_unsharded_model(runs, name, tiny_model_dir
     ranks = [json.loads((runs["folder"] / f"{name}.rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     tolerance = TOLERANCE.get(name, FP32_TOLERANCE)
     for rank in ranks:
-        assert rank["names_kept"] and rank["sharded"] and not rank["frozen_grads"]
+        assert rank["names_kept"] and rank["sharded"] and not rank["frozen_grads"] and not rank["reduced_early"]
         assert rank["losses"] == ranks[0]["losses"] and rank["grad_norms"] == ranks[0]["grad_norms"]
     if reference["generated"] is not None:
         assert [rank["generated"] for rank in ranks] == reference["generated"]

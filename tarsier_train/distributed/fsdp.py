@@ -3,8 +3,10 @@ root, with the hooks that keep every rank's collectives in the same order whatev
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -124,3 +126,19 @@ def _set_backward_prefetch(root: FSDPModule, units: list[FSDPModule], runs_backw
     for unit, runs in zip(units, runs_backward):
         if not runs:
             unit.set_modules_to_backward_prefetch([root])
+
+
+@contextlib.contextmanager
+def deferred_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
+    """Backward passes inside keep each unit's unsharded gradient on its rank instead of reduce-scattering it; the
+    first backward after the block reduce-scatters the accumulated sum once. Gradient accumulation then costs one
+    reduce-scatter per optimiser step instead of one per micro-batch, at the price of a full (unsharded) gradient
+    in memory on every rank."""
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
