@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
 
-from tarsier_train.checkpoint.export import export_checkpoint, export_hf
+from tarsier_train.checkpoint.export import export_checkpoint, export_full_state_dict, export_hf
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.models.controls import PARTS, adapter_parameter_names, build_model, model_part
 from tarsier_train.optim import grouped_optimizer, warmup_cosine
@@ -138,6 +138,9 @@ def test_lora_trains_only_adapters_and_exports_a_plain_merged_model(tiny_model_d
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         adapted_logits = model(**inputs).logits
+    # what the end-of-fit export does under FSDP2: a gathered copy of the adapted model's state dict
+    gathered = {name: value.clone() for name, value in model.state_dict().items()}
+    export_full_state_dict(model, gathered, processor, tmp_path / "gathered")
     export_hf(model, processor, tmp_path / "hf")
     assert not (tmp_path / "hf" / "adapter_config.json").exists()
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
@@ -152,6 +155,8 @@ def test_lora_trains_only_adapters_and_exports_a_plain_merged_model(tiny_model_d
     with torch.no_grad():
         merged_logits = merged(**inputs).logits
     torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-5, atol=1e-5)
+    from_gathered = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "gathered", local_files_only=True)
+    assert all(torch.equal(value, exported[name]) for name, value in from_gathered.state_dict().items())
 
 
 @pytest.mark.parametrize("controls", [{}, {"trainable": {"vision": False, "llm": False}, "lora": LORA}],

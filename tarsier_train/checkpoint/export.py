@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import torch
+from peft import inject_adapter_in_model
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from omegaconf import OmegaConf
 from transformers import PreTrainedModel, ProcessorMixin
@@ -30,12 +31,12 @@ def export_hf(model: PreTrainedModel, processor: ProcessorMixin, output_dir: str
 
 def export_full_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], processor: ProcessorMixin,
                            output_dir: str | Path) -> Path:
-    """Save a gathered (unsharded) state dict of `model`'s architecture, e.g. of an FSDP2-sharded model."""
-    if any("lora_" in name for name in state_dict):
-        raise NotImplementedError("exporting a sharded LoRA model: export its checkpoint with "
-                                  "python -m tarsier_train.checkpoint.export <run_dir>/checkpoints/step-N.ckpt")
+    """Save a gathered (unsharded) state dict of `model`'s architecture, e.g. of an FSDP2-sharded model: rebuilt
+    without memory (meta), adapters injected as in `model`, the weights assigned, adapters merged by export_hf."""
     with torch.device("meta"):
         plain = type(model)._from_config(model.config)
+        for adapter in getattr(model, "peft_config", {}).values():
+            inject_adapter_in_model(adapter, plain)
     plain.load_state_dict(state_dict, strict=True, assign=True)
     plain.tie_weights()
     return export_hf(plain, processor, output_dir)
