@@ -115,15 +115,29 @@ def test_resume_continues_steps_data_position_and_wandb_run(tmp_path, cache_root
     assert leaked == []
 
 
-def test_sweep_runs_each_job_in_its_own_directory(tmp_path, cache_root):
-    run_train(["-m", *SHORT, "trainer.max_steps=1", "logger=csv", "optim.lr=1e-3,2e-3"], cwd=tmp_path,
-              cache_root=cache_root)
+def test_sweep_runs_each_job_in_its_own_directory_and_resumes_each(tmp_path, cache_root):
+    sweep = ["-m", *SHORT, "logger=csv", "optim.lr=1e-3,2e-3"]
+    run_train([*sweep, "trainer.max_steps=1"], cwd=tmp_path, cache_root=cache_root)
     configs = sorted((tmp_path / "outputs" / "sft-sweep").glob("*/config.yaml"))
     assert len(configs) == 2
-    lrs = sorted(float(next(line for line in c.read_text().splitlines() if line.strip().startswith("lr:")).split(":")[1])
-                 for c in configs)
-    assert lrs == [1e-3, 2e-3]
+
+    def lr(config: Path) -> float:
+        return float(next(line for line in config.read_text().splitlines() if line.strip().startswith("lr:")).split(":")[1])
+
+    assert sorted(map(lr, configs)) == [1e-3, 2e-3]
     assert all((c.parent / "checkpoints" / "step-000001.ckpt").is_file() for c in configs)
+    first = {c.parent.name: lr(c) for c in configs}
+
+    # the same sweep again, longer: every job continues its own run from its own checkpoint
+    result = run_train([*sweep, "trainer.max_steps=2", "resume=auto"], cwd=tmp_path, cache_root=cache_root)
+    for job, job_lr in first.items():
+        job_dir = tmp_path / "outputs" / "sft-sweep" / job
+        assert f"resuming from {job_dir / 'checkpoints' / 'step-000001.ckpt'}" in result.stdout + result.stderr
+        assert lr(job_dir / "config.yaml") == job_lr
+        final = torch.load(job_dir / "checkpoints" / "step-000002.ckpt", map_location="cpu", weights_only=False)
+        assert final["global_step"] == 2 and final["optimizer_states"][0]["param_groups"][0]["initial_lr"] == job_lr
+        consumed = next(v for k, v in final.items() if k.endswith("DataModule"))["num_consumed"]
+        assert sum(map(sum, consumed)) == 2 * 4  # one step before the resume, one after: batch 4 each
 
 
 def _copy_with_corruption(source: list[str], target: Path, corrupt_key: str, how: str) -> None:
