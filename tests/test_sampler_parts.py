@@ -197,6 +197,21 @@ def test_toy_world_judge_scores_hand_made_descriptions():
         judge.score("The red circle grows.", {"messages": record["messages"]})
 
 
+def test_ordered_toy_world_judge_counts_events_only_in_the_reference_order():
+    record = _toy_record([("red", "circle", "moves left"), ("red", "circle", "grows"), ("red", "circle", "disappears")])
+    judge = ToyWorldJudge(ordered=True)
+    exact = judge.score("The red circle moves left. The red circle grows. The red circle disappears.", record)
+    assert (exact.recall, exact.precision) == (1.0, 1.0)
+    swapped = judge.score("The red circle grows. The red circle moves left. The red circle disappears.", record)
+    assert (swapped.recall, swapped.precision) == (2 / 3, 2 / 3)  # one of the swapped two is out of order
+    backwards = judge.score("The red circle disappears. The red circle grows. The red circle moves left.", record)
+    assert (backwards.recall, backwards.precision) == (1 / 3, 1 / 3)
+    assert keep_pair(exact, backwards) and keep_pair(exact, swapped)
+    unordered = ToyWorldJudge()  # the same events in any order score the same: no pair
+    assert not keep_pair(unordered.score("The red circle moves left. The red circle grows.", record),
+                         unordered.score("The red circle grows. The red circle moves left.", record))
+
+
 # ---- AutoDQ judge against a local stub server ---------------------------------------------------------------
 
 class StubLLM:

@@ -56,11 +56,27 @@ class EventScore:
         return 2 * p * r / (p + r) if p + r else 0.0
 
 
-def score_description(prediction: str, reference_events: Sequence[EventKey]) -> EventScore:
-    """Match predicted events to reference events one to one; unparseable sentences count as wrong."""
+def score_description(prediction: str, reference_events: Sequence[EventKey], ordered: bool = False) -> EventScore:
+    """Match predicted events to reference events one to one; unparseable sentences count as wrong. `ordered`:
+    only matches that keep the reference order count (the longest common subsequence), so an event told out of
+    order is missed and wrong at once."""
     predicted = parse_events(prediction)
-    matched = Counter(e for e in predicted if e is not None) & Counter(map(tuple, reference_events))
-    return EventScore(sum(matched.values()), len(predicted), len(reference_events))
+    reference = list(map(tuple, reference_events))
+    if ordered:
+        num_matched = _longest_common_subsequence([e for e in predicted if e is not None], reference)
+    else:
+        num_matched = sum((Counter(e for e in predicted if e is not None) & Counter(reference)).values())
+    return EventScore(num_matched, len(predicted), len(reference))
+
+
+def _longest_common_subsequence(a: Sequence[EventKey], b: Sequence[EventKey]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
 
 
 def corpus_event_score(pairs: Iterable[tuple[str, Sequence[EventKey]]]) -> EventScore:

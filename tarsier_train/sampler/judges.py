@@ -36,14 +36,19 @@ class Judge(Protocol):
 
 
 class ToyWorldJudge:
-    """Exact event matching against the events a toy-world record carries in `extra_info.events`."""
+    """Exact event matching against the events a toy-world record carries in `extra_info.events`. `ordered`:
+    events count only in the reference order, so a description that tells the right events in the wrong order
+    (what the exchange and reverse corruptions provoke) scores lower instead of the same."""
+
+    def __init__(self, ordered: bool = False):
+        self.ordered = ordered
 
     def score(self, prediction: str, record: dict[str, Any]) -> EventScore:
         events = reference_events(record)
         if events is None:
             raise ValueError("ToyWorldJudge needs a toy-world record with extra_info.events; use AutoDQJudge for "
                              "records that only have a reference description")
-        return score_description(prediction, events)
+        return score_description(prediction, events, ordered=self.ordered)
 
 
 # ---- AutoDQ ---------------------------------------------------------------------------------------------------
