@@ -111,8 +111,8 @@ class Schedule:
     def continued_by(self, num_consumed: list[int], num_consumers: int) -> "Schedule":
         """A schedule for num_consumers new consumers that reads exactly what this one has not yet read.
 
-        What is left of the epochs already started becomes the segment, dealt out range by range;
-        the regular epochs follow.
+        What is left of the epochs already started becomes the segment, cut into equal sample counts in
+        reading order (a range is split where a cut falls); the regular epochs follow.
         """
         last_started_epoch = max(next(self.remaining(c, n)).epoch for c, n in enumerate(num_consumed))
         leftovers = []
@@ -122,7 +122,16 @@ class Schedule:
                     break
                 leftovers.append(shard_range)
         leftovers.sort(key=lambda r: (r.epoch, self.shard_order(r.epoch).index(r.shard), r.start))
-        segment = [leftovers[c::num_consumers] for c in range(num_consumers)]
+        total = sum(len(r) for r in leftovers)
+        cuts = [total * c // num_consumers for c in range(num_consumers + 1)]
+        segment: list[list[ShardRange]] = [[] for _ in range(num_consumers)]
+        offset = 0
+        for r in leftovers:
+            for c in range(num_consumers):
+                lo, hi = max(cuts[c], offset), min(cuts[c + 1], offset + len(r))
+                if lo < hi:
+                    segment[c].append(ShardRange(r.epoch, r.shard, r.start + lo - offset, r.start + hi - offset))
+            offset += len(r)
         return Schedule(self.shard_sizes, num_consumers, self.seed, self.shuffle, self.source, segment,
                         last_started_epoch + 1)
 
