@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import uuid
 from pathlib import Path
 
 import wandb
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -29,6 +32,28 @@ def wandb_logger(run_dir: str, project: str, name: str, entity: str | None = Non
     offline = mode == "offline" or (mode is None and "WANDB_API_KEY" not in os.environ)
     return WandbLogger(project=project, name=name, entity=entity, id=run_id, resume="allow",
                        save_dir=run_dir, offline=offline)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv when it starts; this one keeps its rows and header."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSV metrics in <run_dir>/logs/metrics.csv that a resumed run appends to instead of replacing (a killed run's
+    steps after its last checkpoint appear twice; the later row of a step is the one the resumed run computed)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def logger_location(logger: Logger) -> str:
