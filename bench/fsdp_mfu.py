@@ -48,13 +48,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import datasets
 import lightning as L
 import torch
 import transformers
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, PrinterCallback, PreTrainedModel, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoConfig, PreTrainedModel, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from recipes.lm import LMRecipe
 from recipes.strategies import FSDP2Strategy
@@ -69,10 +67,9 @@ from sft_vs_trl import (
     ADAMW,
     GRAD_CLIP,
     WEIGHT_DECAY,
-    IndexCollator,
     LightningSteps,
     StepLog,
-    TrainerSteps,
+    fit_trl,
     lr_schedule,
     timed,
     transformed_samples,
@@ -155,29 +152,6 @@ def fit_ours(model: PreTrainedModel, processor, samples: list, collate: PackingC
     return log
 
 
-def fit_hf(model: PreTrainedModel, processor, samples: list, collate: VideoTextCollator, args: argparse.Namespace,
-           checkpointing: bool) -> StepLog:
-    """TRL's SFTTrainer with the same optimiser groups and schedule; it enables checkpointing its own way."""
-    cuda = args.device == "cuda"
-    optimizer = grouped_optimizer(model, WEIGHT_DECAY, ADAMW, args.lr)
-    config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-"), max_steps=args.warmup_steps + args.steps,
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, learning_rate=args.lr,
-        weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP, bf16=cuda, fp16=False, use_cpu=not cuda,
-        activation_checkpointing=checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
-        train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=cuda,
-        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=args.seed,
-    )
-    log = StepLog(cuda)
-    trainer = SFTTrainer(model, args=config, train_dataset=datasets.Dataset.from_dict({"sample": range(len(samples))}),
-                         processing_class=processor, data_collator=IndexCollator(samples, collate),
-                         optimizers=(optimizer, lr_schedule(args)(optimizer)), callbacks=[TrainerSteps(log)])
-    trainer.remove_callback(PrinterCallback)  # disable_tqdm would print every step's log dict
-    trainer.train()
-    return log
-
-
 def measure(side: str, checkpointing: bool, args: argparse.Namespace, cache: Path, model_dir: str) -> dict[str, Any]:
     """One configuration, in its own process: a fresh CUDA context and allocator, so the peaks are its own."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -195,7 +169,8 @@ def measure(side: str, checkpointing: bool, args: argparse.Namespace, cache: Pat
             log = fit_ours(build(args, model_dir, checkpointing), processor, samples, packed, args)
         else:
             padded = VideoTextCollator(processor.tokenizer.pad_token_id)
-            log = fit_hf(build(args, model_dir, False), processor, samples, padded, args, checkpointing)
+            log = fit_trl(build(args, model_dir, False), processor, samples, padded, args, tempfile.mkdtemp(prefix="trl-"),
+                              bf16=args.device == "cuda", checkpointing=checkpointing)
         seconds, durations = timed(log, args.warmup_steps)
         result |= {"seconds": seconds, "step_s": statistics.median(durations), "losses": log.losses}
     except torch.OutOfMemoryError:

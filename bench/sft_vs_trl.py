@@ -134,14 +134,22 @@ def train_ours(model_dir: str, processor, samples: list, collate, args: argparse
 def train_trl(model_dir: str, processor, samples: list, collate, args: argparse.Namespace, out: Path) -> StepLog:
     """TRL's SFTTrainer on the pre-tokenised samples, with the same optimiser and schedule objects as ours."""
     torch.manual_seed(args.seed)
+    return fit_trl(load_model(model_dir).to(args.device), processor, samples, collate, args, out,
+                   bf16=args.dtype == "bfloat16")
+
+
+def fit_trl(model: torch.nn.Module, processor, samples: list, collate, args: argparse.Namespace, out: Path | str,
+            bf16: bool, checkpointing: bool = False) -> StepLog:
+    """SFTTrainer over `samples` in order (batches from `collate`), our optimiser groups and schedule; TRL turns
+    on activation checkpointing its own way."""
     cuda = args.device == "cuda"
-    model = load_model(model_dir).to(args.device)
     optimizer = grouped_optimizer(model, WEIGHT_DECAY, ADAMW, args.lr)
     config = SFTConfig(
         output_dir=str(out), max_steps=args.warmup_steps + args.steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, learning_rate=args.lr, weight_decay=WEIGHT_DECAY, max_grad_norm=GRAD_CLIP,
-        # SFTConfig turns bf16 and (activation) checkpointing on by default; ours runs without checkpointing.
-        bf16=args.dtype == "bfloat16", fp16=False, activation_checkpointing=False, use_cpu=not cuda,
+        # SFTConfig turns bf16 and activation checkpointing on by default: both are set explicitly here.
+        bf16=bf16, fp16=False, activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, use_cpu=not cuda,
         train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=cuda,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=args.seed,
