@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import ProcessorMixin
 
@@ -148,8 +149,12 @@ class VideoShardDataModule(L.LightningDataModule):
                 for shards, done_keys in zip((self.train_shards, self.val_shards), done)]
 
     def _loader(self, stream: IterableDataset, collate: Any) -> DataLoader:
+        # Its own generator: starting an iterator (each epoch, and after a resume) draws the workers' base seed,
+        # which must not come from the global stream the training step's dropout draws from. Samples are seeded
+        # by the stream itself (schedule.py), not by the workers' seeds.
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+                          persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if self.trainer.training:  # the batch is about to be trained on: it counts as consumed

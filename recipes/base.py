@@ -12,11 +12,13 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.strategies import FSDP2Strategy
+from tarsier_train.checkpoint.rng import all_ranks_rng_states, restore_rank_rng_states
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
 from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.data.transform import TRUNCATED_KEY
 from tarsier_train.distributed.fsdp import shard_model
 
+RNG_STATES_KEY = "rng_states"  # Lightning's checkpoint has no RNG states of its own
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -30,6 +32,7 @@ class RecipeBase(L.LightningModule):
         self.weight_decay = weight_decay
         self._num_skipped = self._num_truncated = 0
         self._step_started = time.perf_counter()
+        self._resumed_rng_states: list[dict[str, Any]] | None = None
 
     def log_data_counts(self, batch: dict[str, torch.Tensor]) -> None:
         """Skipped/truncated samples so far, the batch's non-pad share and real tokens per second."""
@@ -46,6 +49,18 @@ class RecipeBase(L.LightningModule):
             "data/skipped_samples": float(self._num_skipped),
             "data/truncated_samples": float(self._num_truncated),
         }, batch_size=len(batch["input_ids"]))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_STATES_KEY] = all_ranks_rng_states()  # every rank saves: Lightning calls this on all of them
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Set at the first step, not now: restoring the trainer and starting the loaders still draw numbers.
+        self._resumed_rng_states = checkpoint.get(RNG_STATES_KEY)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resumed_rng_states is not None:
+            restore_rank_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
 
     def configure_model(self) -> None:
         """Under trainer=fsdp: shard the model (FSDP2 per ViT block, merger, decoder layer, then the root)."""
