@@ -39,6 +39,15 @@ class StepCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_train_steps, save_top_k=keep_last, monitor="step",
                          mode="max", save_last=False)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning keeps the k-th newest path only once k checkpoints exist; resuming with a smaller keep_last
+        then finds the record full with no k-th path (KeyError ''). Rebuild it from what is still on disk."""
+        super().load_state_dict(state_dict)
+        self.best_k_models = {path: step for path, step in self.best_k_models.items() if Path(path).exists()}
+        if self.best_k_models:
+            self.kth_best_model_path = min(self.best_k_models, key=self.best_k_models.get)  # the oldest step
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -57,7 +57,10 @@ def test_consolidating_a_sharded_checkpoint_gives_the_same_export(sharded_run, t
 def test_a_two_process_run_resumes_on_one_process_with_the_unseen_rest_of_the_epoch(sharded_run, cache_root):
     cwd, run_dir = sharded_run
     (run_dir / "checkpoints" / "step-000006.ckpt.partial").mkdir()  # a save that crashed: never resumed from
-    run_train([*FSDP, "trainer.devices=1", "trainer.max_steps=6", "resume=auto"], cwd=cwd, cache_root=cache_root)
+    run_train([*FSDP, "trainer.devices=1", "trainer.max_steps=6", "resume=auto", "callbacks.checkpoint.keep_last=2"],
+              cwd=cwd, cache_root=cache_root)
+    # the crashed save's directory was replaced by the real one; keep_last=2 removed the oldest sharded checkpoint
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000004.ckpt", "step-000006.ckpt"]
     meta = _meta(run_dir / "checkpoints" / "step-000006.ckpt")
     data = next(v for k, v in meta.items() if k.endswith("DataModule"))
     assert meta["global_step"] == 6 and data["world_size"] == 1
