@@ -1,7 +1,10 @@
 """Toy world end to end: SFT checkpoint -> preference sampler -> pairs -> DPO, then the SFT and the DPO model
 scored on the same held-out clips.
 
-    python bench/dpo_toyworld.py [--sft outputs/bench-stages-.../sft_instruct] [--sample-clips 1500]
+    # an SFT model that describes enough events to have an order to improve (~25 min on 2 idle cores):
+    python train.py recipe=sft run_name=sft_long trainer.max_steps=4000 trainer.val_check_interval=500 \
+        optim.warmup_steps=100
+    python bench/dpo_toyworld.py --sft outputs/sft_long [--sample-clips 1500]
         [--sample-val-clips 32] [--dpo-steps 150] [--val-clips 200] [--min-gain 0.3] [--lr 5e-5] [--beta 0.1]
         [--sampler-override KEY=VALUE ...] [--dpo-override KEY=VALUE ...] [--output-root DIR]
         [--sample-dir <earlier bench root>/sample]   # reuse its pairs: DPO settings compared on the same pairs
@@ -58,7 +61,6 @@ from tarsier_train.models import load_model, load_processor
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SFT = REPO / "outputs" / "bench-stages-20261126-162947" / "sft_instruct"
 GOAL_ORDER_POINTS = 5.0
 
 
@@ -146,7 +148,7 @@ def pct(part: float, whole: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft", default=str(DEFAULT_SFT), help="the SFT model: a run dir or an HF export")
+    parser.add_argument("--sft", required=True, help="the SFT model: a run dir or an HF export")
     parser.add_argument("--sample-clips", type=int, default=1500, help="toy-world train clips the sampler describes")
     parser.add_argument("--sample-val-clips", type=int, default=32, help="toy-world val clips -> DPO's val pairs")
     parser.add_argument("--dpo-steps", type=int, default=150)
