@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import subprocess
 import sys
@@ -62,6 +63,18 @@ def run_train(args: list[str], cwd: Path, cache_root: Path, check: bool = True,
     if check and result.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last logged train loss of each step in a run's CSV log (a killed run may have logged steps its resume
+    repeats; the resumed run's rows come later)."""
+    rows = csv.DictReader(open(run_dir / "logs" / "metrics.csv"))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def data_state(checkpoint: dict) -> dict:
+    """The DataModule's state (schedules, samples consumed) in a loaded checkpoint or sharded checkpoint's meta."""
+    return next(v for k, v in checkpoint.items() if k.endswith("DataModule"))
 
 
 @contextlib.contextmanager

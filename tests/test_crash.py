@@ -1,7 +1,6 @@
 """kill -9 in the middle of a run, resume=auto: the steps after the checkpoint repeat the uninterrupted
 run's numbers exactly, on the same samples, to the same final weights."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_DATA, run_train, train_env
+from conftest import REPO, TINY_DATA, data_state, losses_by_step, run_train, train_env
 
 pytestmark = pytest.mark.slow
 # LoRA adapters in the LLM (dropout 0.05) next to the fully trained ViT and merger: every step draws random numbers,
@@ -21,18 +20,8 @@ RUN = ["recipe=sft", *TINY_DATA, "logger=csv", "trainer.log_every_n_steps=1", "t
        "model.trainable.llm=false", "model.lora.rank=4"]
 
 
-def _losses_by_step(run_dir) -> dict[int, float]:
-    """The last logged loss of each step (a killed run may have logged steps its resume repeats)."""
-    rows = csv.DictReader(open(run_dir / "logs" / "metrics.csv"))
-    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
-
-
 def _final(run_dir) -> dict:
     return torch.load(run_dir / "checkpoints" / "step-000012.ckpt", map_location="cpu", weights_only=False)
-
-
-def _data_state(checkpoint: dict) -> dict:
-    return next(v for k, v in checkpoint.items() if k.endswith("DataModule"))
 
 
 def test_kill_9_then_resume_repeats_the_uninterrupted_run(tmp_path, cache_root):
@@ -57,8 +46,8 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run(tmp_path, cache_root):
 
     run_train([*RUN, "resume=auto"], cwd=cwd, cache_root=cache_root)
     resumed_from = int(saved[-1][5:11])
-    expected, got = _losses_by_step(straight), _losses_by_step(run_dir)
+    expected, got = losses_by_step(straight), losses_by_step(run_dir)
     assert all(got[step] == expected[step] for step in range(resumed_from, 12)), (saved, expected, got)
     final, reference = _final(run_dir), _final(straight)
-    assert _data_state(final) == _data_state(reference)  # the same samples consumed
+    assert data_state(final) == data_state(reference)  # the same samples consumed
     assert all(torch.equal(final["state_dict"][name], reference["state_dict"][name]) for name in reference["state_dict"])

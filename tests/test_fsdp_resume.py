@@ -2,7 +2,6 @@
 the unseen rest of the epoch, and a kill -9 in the middle of writing a sharded checkpoint leaves the previous one
 complete, the broken one invisible, and a resume=auto that repeats the uninterrupted run bit for bit."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from tarsier_train.checkpoint import find_latest_checkpoint
 from tarsier_train.checkpoint.export import checkpoint_state_dict
 from tarsier_train.data.schedule import Schedule
 
-from conftest import REPO, run_train, train_env
+from conftest import REPO, data_state, losses_by_step, run_train, train_env
 
 pytestmark = pytest.mark.slow
 NUM_CLIPS, BATCH_SIZE, SHUFFLE_BLOCK = 48, 2, 16
@@ -33,16 +32,6 @@ def _checkpoint(run_dir: Path, step: int) -> Path:
 
 def _meta(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=False)
-
-
-def _data_state(meta: dict) -> dict:
-    return next(v for k, v in meta.items() if k.endswith("DataModule"))
-
-
-def _losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The last logged loss of each step (a killed run may have logged steps its resume repeats)."""
-    rows = csv.DictReader(open(run_dir / "logs" / "metrics.csv"))
-    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
 def _samples(schedule: Schedule, ranges) -> list[tuple[int, int, int]]:
@@ -76,7 +65,7 @@ def elastic_run(tmp_path_factory, cache_root):
 
 def test_one_process_fsdp_run_writes_a_resumable_sharded_checkpoint(elastic_run):
     run_dir, before, _ = elastic_run
-    data = _data_state(before)
+    data = data_state(before)
     assert before["global_step"] == 4 and data["world_size"] == 1 and data["num_consumed"] == [[4 * BATCH_SIZE]]
     assert sorted(p.name for p in _checkpoint(run_dir, 4).iterdir()) == [".metadata", "__0_0.distcp", "meta.pt"]
 
@@ -86,12 +75,12 @@ def test_a_one_process_run_resumes_on_two_with_exactly_the_unseen_rest_of_the_ep
     # the resumed run's checkpoints are sharded over 2 ranks, and it carried on from step 4, not from scratch
     assert sorted(p.name for p in _checkpoint(run_dir, 8).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp",
                                                                        "meta.pt"]
-    assert sorted(_losses_by_step(run_dir)) == list(range(8))  # the resumed run appended steps 4..7
-    data = _data_state(after)
+    assert sorted(losses_by_step(run_dir)) == list(range(8))  # the resumed run appended steps 4..7
+    data = data_state(after)
     assert after["global_step"] == 8 and data["world_size"] == 2
     assert data["num_consumed"] == [[4 * BATCH_SIZE, 4 * BATCH_SIZE]]  # steps 4..7: 4 batches on each rank
 
-    old = Schedule.from_state_dict(_data_state(before)["schedules"][0])
+    old = Schedule.from_state_dict(data_state(before)["schedules"][0])
     seen = _consumed(old, 0, 4 * BATCH_SIZE)  # the one process read 4 steps x 2 samples of epoch 0
     new = Schedule.from_state_dict(data["schedules"][0])
     assert new.num_consumers == 2 and new.first_epoch == 1 and len(new.segment) == 2
@@ -108,7 +97,7 @@ def test_a_one_process_run_resumes_on_two_with_exactly_the_unseen_rest_of_the_ep
 
 def test_the_unseen_rest_is_split_evenly_over_both_ranks(elastic_run):
     _, _, after = elastic_run
-    new = Schedule.from_state_dict(_data_state(after)["schedules"][0])
+    new = Schedule.from_state_dict(data_state(after)["schedules"][0])
     sizes = [sum(len(r) for r in new.segment[rank]) for rank in range(2)]
     assert sizes == [(NUM_CLIPS - 4 * BATCH_SIZE) // 2] * 2, sizes
 
@@ -222,12 +211,12 @@ def test_resume_after_the_kill_repeats_the_uninterrupted_run_exactly(killed_run,
                                                                              "__1_0.distcp", "meta.pt"]
     # Same layout (2 ranks), same data positions, same sharding: gloo reduces the gradients of the 2 ranks in the
     # same order in both runs, so the steps after the checkpoint are bit-identical, not just close.
-    expected, got = _losses_by_step(straight_run), _losses_by_step(run_dir)
+    expected, got = losses_by_step(straight_run), losses_by_step(run_dir)
     assert sorted(expected) == list(range(6)) and all(got[step] == expected[step] for step in range(2, 6)), (expected, got)
     final, reference = _meta(_checkpoint(run_dir, 6)), _meta(_checkpoint(straight_run, 6))
     assert final["global_step"] == reference["global_step"] == 6
-    assert _data_state(final) == _data_state(reference)  # the same samples consumed
-    assert _data_state(final)["num_consumed"] == [[6 * BATCH_SIZE, 6 * BATCH_SIZE]]
+    assert data_state(final) == data_state(reference)  # the same samples consumed
+    assert data_state(final)["num_consumed"] == [[6 * BATCH_SIZE, 6 * BATCH_SIZE]]
     assert final["lr_schedulers"] == reference["lr_schedulers"]
     weights, reference_weights = checkpoint_state_dict(_checkpoint(run_dir, 6)), checkpoint_state_dict(_checkpoint(straight_run, 6))
     assert weights.keys() == reference_weights.keys() and len(weights) > 0
