@@ -72,6 +72,11 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
+def sharded_meta(checkpoint: Path) -> dict:
+    """The non-tensor part (steps, loops, callbacks, data state) of a sharded (DCP) checkpoint directory."""
+    return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=False)
+
+
 def data_state(checkpoint: dict) -> dict:
     """The DataModule's state (schedules, samples consumed) in a loaded checkpoint or sharded checkpoint's meta."""
     return next(v for k, v in checkpoint.items() if k.endswith("DataModule"))

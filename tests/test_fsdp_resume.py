@@ -16,7 +16,7 @@ from tarsier_train.checkpoint import find_latest_checkpoint
 from tarsier_train.checkpoint.export import checkpoint_state_dict
 from tarsier_train.data.schedule import Schedule
 
-from conftest import REPO, data_state, losses_by_step, run_train, train_env
+from conftest import REPO, data_state, losses_by_step, run_train, sharded_meta, train_env
 
 pytestmark = pytest.mark.slow
 NUM_CLIPS, BATCH_SIZE, SHUFFLE_BLOCK = 48, 2, 16
@@ -28,10 +28,6 @@ FSDP = ["recipe=sft", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.strate
 
 def _checkpoint(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}.ckpt"
-
-
-def _meta(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=False)
 
 
 def _samples(schedule: Schedule, ranges) -> list[tuple[int, int, int]]:
@@ -58,9 +54,9 @@ def elastic_run(tmp_path_factory, cache_root):
     cwd = tmp_path_factory.mktemp("fsdp_elastic")
     run_train([*FSDP, "trainer.devices=1", "trainer.max_steps=4"], cwd=cwd, cache_root=cache_root)
     run_dir = cwd / "outputs" / "sft"
-    before = _meta(_checkpoint(run_dir, 4))  # read now: the resumed run may prune it one day
+    before = sharded_meta(_checkpoint(run_dir, 4))  # read now: the resumed run may prune it one day
     run_train([*FSDP, "trainer.devices=2", "trainer.max_steps=8", "resume=auto"], cwd=cwd, cache_root=cache_root)
-    return run_dir, before, _meta(_checkpoint(run_dir, 8))
+    return run_dir, before, sharded_meta(_checkpoint(run_dir, 8))
 
 
 def test_one_process_fsdp_run_writes_a_resumable_sharded_checkpoint(elastic_run):
@@ -213,7 +209,7 @@ def test_resume_after_the_kill_repeats_the_uninterrupted_run_exactly(killed_run,
     # same order in both runs, so the steps after the checkpoint are bit-identical, not just close.
     expected, got = losses_by_step(straight_run), losses_by_step(run_dir)
     assert sorted(expected) == list(range(6)) and all(got[step] == expected[step] for step in range(2, 6)), (expected, got)
-    final, reference = _meta(_checkpoint(run_dir, 6)), _meta(_checkpoint(straight_run, 6))
+    final, reference = sharded_meta(_checkpoint(run_dir, 6)), sharded_meta(_checkpoint(straight_run, 6))
     assert final["global_step"] == reference["global_step"] == 6
     assert data_state(final) == data_state(reference)  # the same samples consumed
     assert data_state(final)["num_consumed"] == [[6 * BATCH_SIZE, 6 * BATCH_SIZE]]

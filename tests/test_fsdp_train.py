@@ -10,17 +10,13 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from tarsier_train.checkpoint import find_latest_checkpoint
 from tarsier_train.checkpoint.export import checkpoint_state_dict, export_checkpoint
 
-from conftest import run_train
+from conftest import run_train, sharded_meta
 
 pytestmark = pytest.mark.slow
 FSDP = ["recipe=sft", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.mixed_precision=fp32",
         "data.num_train_clips=48", "data.num_val_clips=2", "data.batch_size=2", "data.num_workers=0",
         "data.shuffle_block=16", "logger=csv", "trainer.log_every_n_steps=1", "trainer.val_check_interval=4",
         "callbacks.checkpoint.every_n_train_steps=2"]
-
-
-def _meta(checkpoint) -> dict:
-    return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +57,7 @@ def test_a_two_process_run_resumes_on_one_process_with_the_unseen_rest_of_the_ep
               cwd=cwd, cache_root=cache_root)
     # the crashed save's directory was replaced by the real one; keep_last=2 removed the oldest sharded checkpoint
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000004.ckpt", "step-000006.ckpt"]
-    meta = _meta(run_dir / "checkpoints" / "step-000006.ckpt")
+    meta = sharded_meta(run_dir / "checkpoints" / "step-000006.ckpt")
     data = next(v for k, v in meta.items() if k.endswith("DataModule"))
     assert meta["global_step"] == 6 and data["world_size"] == 1
     # 2 ranks x 4 steps x 2 samples were read before; the re-dealt rest of epoch 0 is exactly the other 32
