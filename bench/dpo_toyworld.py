@@ -8,6 +8,9 @@ scored on the same held-out clips.
         [--sample-val-clips 32] [--dpo-steps 150] [--val-clips 200] [--min-gain 0.3] [--lr 5e-5] [--beta 0.1]
         [--sampler-override KEY=VALUE ...] [--dpo-override KEY=VALUE ...] [--output-root DIR]
         [--sample-dir <earlier bench root>/sample]   # reuse its pairs: DPO settings compared on the same pairs
+    # best-of-4 chosen, worst-of-5 rejected (beyond Tarsier2's one clean vs one corrupted sample):
+    python bench/dpo_toyworld.py --sft outputs/sft_long --sampler-override objective.clean_samples=4 \
+        --sampler-override objective.rejected=worst
 
 1. `train.py recipe=sample experiment=toyworld_sample` on the first --sample-clips clips of the SFT model's own
    toy world (its train split: clips the SFT stages trained on, as Tarsier2 samples its SFT data) and
@@ -213,7 +216,11 @@ def main() -> None:
     print(f"\nsampler: {stats.get('clips', 0)} clips ({sample_cfg.data.num_train_clips} train + "
           f"{sample_cfg.data.num_val_clips} val), "
           f"min_gain {sample_cfg.objective.min_gain}, top_p {sample_cfg.objective.top_p}, temperature "
-          f"{sample_cfg.objective.temperature}, max_new_tokens {sample_cfg.objective.max_new_tokens}; kept "
+          f"{sample_cfg.objective.temperature}, max_new_tokens {sample_cfg.objective.max_new_tokens}, "
+          f"clean_samples {sample_cfg.objective.get('clean_samples', 1)}, rejected "
+          f"{sample_cfg.objective.get('rejected', 'corrupted')} (kept pairs' rejected from: "
+          + ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in stats.items() if k.startswith("kept_rejected_from/"))
+          + "); kept "
           f"{len(pairs['train'])} train + {len(pairs['val'])} val pairs in {seconds['sample'] / 60:.1f} min "
           f"({sample_dir})")
     print(f"{'corruption':>18} {'clips':>6} {'kept':>5} {'kept/clips':>10} | {'chosen F1 >':>11} {'=':>4} {'<':>4} "

@@ -1,7 +1,12 @@
 """The preference sampler (Tarsier2's DPO data): for each clip, a description sampled on the clean frames
 (chosen) and one on a corrupted copy (rejected), both scored against the ground truth by a judge; a pair
 is kept iff the chosen one gains in recall and precision by at least `min_gain` together. A Lightning
-predict loop, so it shards over GPUs and nodes; `recipes.writers.ShardWriter` writes the pairs."""
+predict loop, so it shards over GPUs and nodes; `recipes.writers.ShardWriter` writes the pairs.
+
+Beyond Tarsier2 (defaults keep its recipe): `clean_samples` K > 1 samples K descriptions on the clean frames and
+makes the judge's best one (highest recall + precision) the chosen; `rejected="worst"` makes the judge's worst of
+all K + 1 descriptions (the corrupted one included) the rejected, so a pair can also contrast two readings of the
+clean video that differ in what they miss or misorder."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import logging
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -21,27 +26,36 @@ from recipes.writers import HANDLED, SAMPLES
 from tarsier_train.sampler import Judge, keep_pair
 
 log = logging.getLogger(__name__)
+RejectedFrom = Literal["corrupted", "worst"]
 
 
 class PreferenceSampler(L.LightningModule):
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, judge: Judge, min_gain: float = 0.3,
                  max_pairs: int | None = None, max_new_tokens: int = 256, top_p: float = 0.7,
-                 temperature: float = 0.7, seed: int = 0):
+                 temperature: float = 0.7, seed: int = 0, clean_samples: int = 1,
+                 rejected: RejectedFrom = "corrupted"):
         super().__init__()
+        if clean_samples < 1:
+            raise ValueError(f"objective.clean_samples must be >= 1, got {clean_samples}")
+        if rejected not in get_args(RejectedFrom):
+            raise ValueError(f"objective.rejected must be one of {get_args(RejectedFrom)}, got {rejected!r}")
         self.model, self.processor, self.judge = model.eval(), processor, judge
         self.min_gain, self.max_pairs, self.seed = min_gain, max_pairs, seed
+        self.clean_samples, self.rejected = clean_samples, rejected
         self.generation = {"max_new_tokens": max_new_tokens, "top_p": top_p, "temperature": temperature}
         self.counts: Counter[str] = Counter()
 
     @torch.no_grad()
-    def describe(self, prompt: dict[str, torch.Tensor], key: str, copy: str) -> str:
-        """A sampled description, seeded by the clip and which copy it describes: a resumed run writes what an
-        uninterrupted one would, and the clean and corrupted copies do not share their random draws."""
+    def describe(self, prompt: dict[str, torch.Tensor], key: str, copy: str, num: int = 1) -> list[str]:
+        """`num` sampled descriptions (one batched generate), seeded by the clip and which copy it describes: a
+        resumed run writes what an uninterrupted one would, and the clean and corrupted copies do not share their
+        random draws."""
         torch.manual_seed(self.seed + zlib.crc32(f"{key}/{copy}".encode()))
         inputs = {name: value.to(self.device) for name, value in prompt.items()}
         output = self.model.generate(**inputs, do_sample=True, pad_token_id=self.processor.tokenizer.pad_token_id,
-                                     **self.generation)
-        return self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                                     num_return_sequences=num, **self.generation)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
         pairs, handled = [], []
@@ -50,17 +64,30 @@ class PreferenceSampler(L.LightningModule):
             if self.max_pairs is not None and self.counts["kept"] >= self.max_pairs:
                 break  # the clips left are not handled: a later run with a higher cap takes them
             handled.append(key)
-            chosen, rejected = self.describe(clip[CLEAN], key, CLEAN), self.describe(clip[CORRUPTED], key, CORRUPTED)
-            chosen_score, rejected_score = self.judge.score(chosen, record), self.judge.score(rejected, record)
+            chosen, chosen_score, rejected, rejected_score, rejected_from = self._candidates(clip, key, record)
             kept = keep_pair(chosen_score, rejected_score, self.min_gain)
             self.counts.update({"clips": 1, f"clips/{provenance['corruption']}": 1,
                                 **({"kept": 1, f"kept/{provenance['corruption']}": 1} if kept else {})})
             if kept:
+                self.counts[f"kept_rejected_from/{rejected_from}"] += 1
                 scores = {"chosen": _recall_precision(chosen_score), "rejected": _recall_precision(rejected_score)}
-                pairs.append(self._pair(clip, chosen, rejected, scores))
+                pairs.append(self._pair(clip, chosen, rejected, scores, rejected_from))
         return {SAMPLES: pairs, HANDLED: handled}
 
-    def _pair(self, clip: dict[str, Any], chosen: str, rejected: str, scores: dict) -> dict[str, bytes]:
+    def _candidates(self, clip: dict[str, Any], key: str, record: dict[str, Any]) -> tuple[str, Any, str, Any, str]:
+        """(chosen, its score, rejected, its score, where the rejected one came from). Ties: the earliest clean
+        sample is chosen, the corrupted one (then the latest clean one) rejected."""
+        clean = self.describe(clip[CLEAN], key, CLEAN, self.clean_samples)
+        corrupted = self.describe(clip[CORRUPTED], key, CORRUPTED)
+        scored = [(text, self.judge.score(text, record)) for text in (*clean, *corrupted)]
+        quality = [score.recall + score.precision for _, score in scored]
+        best = max(range(len(clean)), key=lambda k: (quality[k], -k))
+        others = [k for k in range(len(scored)) if k != best]
+        worst = len(clean) if self.rejected == "corrupted" else min(others, key=lambda k: (quality[k], -k))
+        return (*scored[best], *scored[worst], CORRUPTED if worst == len(clean) else CLEAN)
+
+    def _pair(self, clip: dict[str, Any], chosen: str, rejected: str, scores: dict,
+              rejected_from: str) -> dict[str, bytes]:
         """A Tarsier-format pair record: the clean frames as explicit indices (DPO trains on exactly the frames
         the chosen description was sampled from), both answers, and how the pair was made."""
         raw, provenance = clip[RAW], clip[PROVENANCE]
@@ -74,7 +101,8 @@ class PreferenceSampler(L.LightningModule):
             {"role": "assistant", "content": [{"type": "text", "text": chosen, "chosen": chosen, "rejected": rejected}]},
         ]
         record["extra_info"] = {**record.get("extra_info", {}), "preference": {
-            **provenance, "scores": scores, "min_gain": self.min_gain, "generation": self.generation}}
+            **provenance, "scores": scores, "min_gain": self.min_gain, "generation": self.generation,
+            "clean_samples": self.clean_samples, "rejected_from": rejected_from}}
         return {"__key__": raw["key"], "json": json.dumps(record).encode(), **raw["media"]}
 
     def on_predict_end(self) -> None:

@@ -45,6 +45,7 @@ def test_every_clip_becomes_a_pair_record_with_its_provenance(sampled):
         assert made["corruption"] in ("exchange_segments", "reverse_span", "crop", "discard_half")
         assert made["corrupted_frames"] != made["clean_frames"]
         assert set(made["scores"]) == {"chosen", "rejected"} and made["generation"]["top_p"] == 0.7
+        assert (made["clean_samples"], made["rejected_from"]) == (1, "corrupted")  # Tarsier2's recipe by default
         assert record["extra_info"]["events"]  # the ground truth stays with the pair
     stats = json.loads((run_dir / "sampler_stats-rank0.json").read_text())
     assert stats["clips"] == 14 and stats["kept"] == 14
@@ -76,3 +77,50 @@ def test_sampled_pairs_train_dpo(sampled, cache_root, tiny_model_dir):
                "data.num_workers=0", "logger=csv", "trainer.max_steps=1", "trainer.val_check_interval=1"],
               cwd=cwd, cache_root=cache_root)
     assert (cwd / "outputs" / "dpo" / "hf" / "config.json").is_file()
+
+
+EVENTS = [("red", "circle", "moves left"), ("red", "circle", "grows"), ("red", "circle", "disappears")]
+EXACT = "The red circle moves left. The red circle grows. The red circle disappears."
+FIRST_ONLY = "The red circle moves left."  # recall 1/3, precision 1
+BACKWARDS = "The red circle disappears. The red circle grows. The red circle moves left."  # ordered: 1/3, 1/3
+GARBAGE = "A blue square spins."  # 0, 0
+
+
+@pytest.mark.parametrize(("clean", "corrupted", "rejected", "expected"), [
+    ([FIRST_ONLY, EXACT, BACKWARDS], GARBAGE, "corrupted", (EXACT, GARBAGE, "corrupted")),
+    ([FIRST_ONLY, EXACT, BACKWARDS], GARBAGE, "worst", (EXACT, GARBAGE, "corrupted")),
+    ([FIRST_ONLY, EXACT, BACKWARDS], FIRST_ONLY, "worst", (EXACT, BACKWARDS, "clean")),
+    ([FIRST_ONLY, EXACT, BACKWARDS], FIRST_ONLY, "corrupted", (EXACT, FIRST_ONLY, "corrupted")),
+    ([GARBAGE, GARBAGE, GARBAGE], GARBAGE, "worst", (GARBAGE, GARBAGE, "corrupted")),  # ties: the corrupted one
+    ([EXACT, EXACT], EXACT, "worst", (EXACT, EXACT, "corrupted")),  # never the chosen sample itself
+])
+def test_best_of_k_chosen_and_worst_rejected(tiny_model_dir, processor, clean, corrupted, rejected, expected):
+    from datamodules.preference_sampling import CLEAN, CORRUPTED
+    from recipes.sample import PreferenceSampler
+    from tarsier_train.models import load_model
+    from tarsier_train.sampler import ToyWorldJudge
+
+    sampler = PreferenceSampler(load_model(tiny_model_dir), processor, ToyWorldJudge(ordered=True),
+                                clean_samples=len(clean), rejected=rejected)
+    asked = []
+
+    def describe(prompt, key, copy, num=1):
+        asked.append((copy, num))
+        return list(clean) if copy == CLEAN else [corrupted]
+
+    sampler.describe = describe
+    record = {"extra_info": {"events": [dict(zip(("colour", "shape", "action"), e)) for e in EVENTS]}}
+    chosen, _, rejected_text, _, rejected_from = sampler._candidates({CLEAN: {}, CORRUPTED: {}}, "clip", record)
+    assert (chosen, rejected_text, rejected_from) == expected
+    assert asked == [(CLEAN, len(clean)), (CORRUPTED, 1)]  # the K clean samples come from one batched generate
+
+
+def test_bad_sampler_options_fail_naming_the_key(tiny_model_dir, processor):
+    from recipes.sample import PreferenceSampler
+    from tarsier_train.models import load_model
+    from tarsier_train.sampler import ToyWorldJudge
+
+    with pytest.raises(ValueError, match="objective.clean_samples"):
+        PreferenceSampler(load_model(tiny_model_dir), processor, ToyWorldJudge(), clean_samples=0)
+    with pytest.raises(ValueError, match="objective.rejected.*corrupted.*worst"):
+        PreferenceSampler(load_model(tiny_model_dir), processor, ToyWorldJudge(), rejected="best")
