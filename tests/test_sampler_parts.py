@@ -1,5 +1,5 @@
 """Preference sampler parts: frame-index corruptions, judges (toy world exact; AutoDQ against a local stub
-OpenAI-compatible server), and the pair filter at its boundaries."""
+OpenAI-compatible server), the pair filter at its boundaries, and the sampler's best-of-K / worst choice."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from datamodules import preference_sampling
+from recipes.sample import PreferenceSampler
 from tarsier_train.data.sampling import uniform_frame_indices
+from tarsier_train.models import load_model
 from tarsier_train.sampler import (
     AutoDQJudge,
     Corruption,
@@ -210,6 +213,45 @@ def test_ordered_toy_world_judge_counts_events_only_in_the_reference_order():
     unordered = ToyWorldJudge()  # the same events in any order score the same: no pair
     assert not keep_pair(unordered.score("The red circle moves left. The red circle grows.", record),
                          unordered.score("The red circle grows. The red circle moves left.", record))
+
+
+# ---- the sampler's choice of chosen and rejected among its samples ------------------------------------------
+EVENTS = [("red", "circle", "moves left"), ("red", "circle", "grows"), ("red", "circle", "disappears")]
+EXACT = "The red circle moves left. The red circle grows. The red circle disappears."
+FIRST_ONLY = "The red circle moves left."  # recall 1/3, precision 1
+BACKWARDS = "The red circle disappears. The red circle grows. The red circle moves left."  # ordered: 1/3, 1/3
+GARBAGE = "A blue square spins."  # 0, 0
+
+
+@pytest.mark.parametrize(("clean", "corrupted", "rejected", "expected"), [
+    ([FIRST_ONLY, EXACT, BACKWARDS], GARBAGE, "corrupted", (EXACT, GARBAGE, "corrupted")),
+    ([FIRST_ONLY, EXACT, BACKWARDS], GARBAGE, "worst", (EXACT, GARBAGE, "corrupted")),
+    ([FIRST_ONLY, EXACT, BACKWARDS], FIRST_ONLY, "worst", (EXACT, BACKWARDS, "clean")),
+    ([FIRST_ONLY, EXACT, BACKWARDS], FIRST_ONLY, "corrupted", (EXACT, FIRST_ONLY, "corrupted")),
+    ([GARBAGE, GARBAGE, GARBAGE], GARBAGE, "worst", (GARBAGE, GARBAGE, "corrupted")),  # ties: the corrupted one
+    ([EXACT, EXACT], EXACT, "worst", (EXACT, EXACT, "corrupted")),  # never the chosen sample itself
+])
+def test_best_of_k_chosen_and_worst_rejected(tiny_model_dir, processor, clean, corrupted, rejected, expected):
+    sampler = PreferenceSampler(load_model(tiny_model_dir), processor, ToyWorldJudge(ordered=True),
+                                clean_samples=len(clean), rejected=rejected)
+    asked = []
+
+    def describe(prompt, key, copy, num=1):
+        asked.append((copy, num))
+        return list(clean) if copy == preference_sampling.CLEAN else [corrupted]
+
+    sampler.describe = describe
+    copies = {preference_sampling.CLEAN: {}, preference_sampling.CORRUPTED: {}}
+    chosen, _, rejected_text, _, rejected_from = sampler._candidates(copies, "clip", _toy_record(EVENTS))
+    assert (chosen, rejected_text, rejected_from) == expected
+    assert asked == [(preference_sampling.CLEAN, len(clean)), (preference_sampling.CORRUPTED, 1)]  # the K clean samples come from one batched generate
+
+
+def test_bad_sampler_options_fail_naming_the_key(tiny_model_dir, processor):
+    with pytest.raises(ValueError, match="objective.clean_samples"):
+        PreferenceSampler(load_model(tiny_model_dir), processor, ToyWorldJudge(), clean_samples=0)
+    with pytest.raises(ValueError, match="objective.rejected.*corrupted.*worst"):
+        PreferenceSampler(load_model(tiny_model_dir), processor, ToyWorldJudge(), rejected="best")
 
 
 # ---- AutoDQ judge against a local stub server ---------------------------------------------------------------
