@@ -74,9 +74,10 @@ def test_labels_are_exactly_the_assistant_tokens(shards, processor):
     target_ids = tokenizer(sample.target + "<|im_end|>", add_special_tokens=False)["input_ids"]
     labelled = out["labels"][out["labels"] != IGNORE_INDEX].tolist()
     assert labelled == target_ids
-    # the labelled tokens sit at the end of the sequence, right after the assistant header
-    assert out["input_ids"][-len(target_ids):].tolist() == target_ids
-    assert (out["labels"][: -len(target_ids)] == IGNORE_INDEX).all()
+    # the labelled tokens close the sequence, right after the assistant header; only the template's newline follows
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert out["input_ids"][-len(target_ids) - 1:].tolist() == target_ids + newline
+    assert (out["labels"][: -len(target_ids) - 1] == IGNORE_INDEX).all() and out["labels"][-1] == IGNORE_INDEX
 
 
 @pytest.mark.parametrize("duplicate, num_frames, temporal_steps", [(True, 8, 8), (False, 8, 4), (False, 5, 3)])

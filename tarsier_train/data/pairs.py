@@ -17,6 +17,7 @@ from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
 from tarsier_train.data.tasks import TaskInput
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS, VideoTextTransform
+from tarsier_train.losses.lm import num_target_tokens
 
 REFERENCE_KEY = "reference_logps"  # (pairs, 2): the reference model's chosen and rejected log-probs
 # Where a record keeps its answers and precomputed reference log-probs
@@ -50,7 +51,10 @@ def reference_logps(sample: VideoTextSample) -> tuple[float, float] | None:
 def pair_inputs(transform: VideoTextTransform, sample: VideoTextSample, task_input: TaskInput) -> dict[str, Any]:
     """{"chosen": ..., "rejected": ...} token inputs of both answers to one prompt, the media inputs once."""
     chosen, rejected = pair_answers(sample)
-    encoded = {name: transform.training_inputs(dataclasses.replace(task_input, target=answer))
+    # Only the answers compared are targets: earlier turns are the shared prompt of both.
+    context = tuple(dataclasses.replace(turn, trained=False) for turn in task_input.history)
+    encoded = {name: transform.training_inputs(dataclasses.replace(task_input, target=answer, history=context,
+                                                                   target_trained=True))
                for name, answer in ((CHOSEN, chosen), (REJECTED, rejected))}
     visual = {name: encoded[CHOSEN][name] for name in VISUAL_INPUTS if name in encoded[CHOSEN]}
     texts = {name: {k: v for k, v in inputs.items() if k not in VISUAL_INPUTS} for name, inputs in encoded.items()}
@@ -62,6 +66,13 @@ def num_pairs(batch: dict[str, Any]) -> int:
     """Pairs in a batch of either layout."""
     rows = len(batch["input_ids"])
     return rows if CHOSEN_TARGETS in batch else rows // 2
+
+
+def num_chosen_tokens(batch: dict[str, Any]) -> torch.Tensor:
+    """Target tokens of the chosen answers in a batch of either layout."""
+    if CHOSEN_TARGETS in batch:
+        return (batch[CHOSEN_TARGETS] != IGNORE_INDEX).sum()
+    return num_target_tokens(batch["labels"][: num_pairs(batch)])
 
 
 def _pair_bookkeeping(pairs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -5,20 +5,36 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tarsier_train.data.chat_labels import TARGET_FLAG
+
 MEDIA_FILE_KEY = {"video": "video_file", "image": "image_file"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """An exchange before a multi-turn record's last one: the user's text, how many of the sample's media items (in
+    order) the user's message shows, the assistant's answer, and whether that answer is a target."""
+
+    prompt: str
+    answer: str
+    num_media: int = 0
+    trained: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoTextSample:
     key: str
-    prompt: str
-    target: str
-    # The user turn's media items in order, as written: {"type": "video", "video": {video_file, optional
+    prompt: str  # the last user turn's text
+    target: str  # the last assistant turn's text
+    # Every user turn's media items in order, as written: {"type": "video", "video": {video_file, optional
     # frame/time selection}} or {"type": "image", "image": {image_file}}; empty: text-only.
     media: tuple[dict[str, Any], ...]
     record: dict[str, Any]
     # The task was overridden (data.task / a source's task): the record's own question belongs to another task.
     retasked: bool = False
+    history: tuple[Turn, ...] = ()  # the exchanges before the last one (multi-turn records)
+    system: str | None = None  # the record's system message; None: the chat template's default, if any
+    target_trained: bool = True  # False: the last answer says "loss": false
 
     @property
     def video(self) -> dict[str, Any] | None:
@@ -29,22 +45,51 @@ class VideoTextSample:
         return videos[0] if videos else None
 
 
-def canonical_sample(key: str, record: dict[str, Any], task: str | None = None) -> VideoTextSample:
-    """Read a record of the released Tarsier jsonl schema; `task` overrides the record's own."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise ValueError(f"{key}: record needs 'messages' with a user and an assistant turn")
-    user, assistant = messages[0], messages[-1]
-    media = tuple(item for item in user["content"] if item.get("type") in MEDIA_FILE_KEY)
+def _text(key: str, message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{key}: a {message.get('role')} message's content must be a string or a list of items")
+    return " ".join(item["text"] for item in content if item.get("type") == "text")
+
+
+def _media(key: str, message: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    content = message.get("content")
+    media = tuple(item for item in content if item.get("type") in MEDIA_FILE_KEY) if isinstance(content, list) else ()
     for item in media:
         if not isinstance(item.get(item["type"]), dict) or MEDIA_FILE_KEY[item["type"]] not in item[item["type"]]:
             raise ValueError(f"{key}: {item['type']} item without '{item['type']}.{MEDIA_FILE_KEY[item['type']]}'")
-    prompt = " ".join(item["text"] for item in user["content"] if item.get("type") == "text")
-    target = " ".join(item["text"] for item in assistant["content"] if item.get("type") == "text")
+    return media
+
+
+def _trained(assistant: dict[str, Any]) -> bool:
+    return assistant.get(TARGET_FLAG, True) is not False
+
+
+def canonical_sample(key: str, record: dict[str, Any], task: str | None = None) -> VideoTextSample:
+    """Read a record of the released Tarsier jsonl schema; `task` overrides the record's own. `messages` is an
+    optional system message, then user and assistant turns in alternation, ending with the assistant's; every
+    assistant answer is a target unless its message says "loss": false (or it is empty)."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{key}: record needs 'messages', a list of user and assistant turns")
+    system = _text(key, messages[0]) if messages and messages[0].get("role") == "system" else None
+    turns = messages[1:] if system is not None else messages
+    roles = [message.get("role") for message in turns]
+    if len(turns) < 2 or roles != ["user", "assistant"] * (len(turns) // 2):
+        raise ValueError(f"{key}: record needs user and assistant turns in alternation, ending with the assistant's "
+                         f"(after an optional system message), got roles {roles}")
+    pairs = [(turns[i], turns[i + 1]) for i in range(0, len(turns), 2)]
+    history = tuple(Turn(_text(key, user), _text(key, assistant), len(_media(key, user)), _trained(assistant))
+                    for user, assistant in pairs[:-1])
+    user, assistant = pairs[-1]
+    media = tuple(item for turn_user, _ in pairs for item in _media(key, turn_user))
     retasked = task is not None and task != record.get("task")
     if retasked:
         record = {**record, "task": task}
-    return VideoTextSample(key, prompt, target, media, record, retasked)
+    return VideoTextSample(key, _text(key, user), _text(key, assistant), media, record, retasked, history, system,
+                           _trained(assistant))
 
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "gif")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tarsier_train.data.records import VideoTextSample
+from tarsier_train.data.records import Turn, VideoTextSample
 
 DEFAULT_PROMPTS = {
     "video/caption": "Describe the video in detail.",
@@ -41,7 +41,10 @@ class TaskInput:
     key: str
     prompt: str
     target: str
-    visuals: tuple[Visual, ...] = ()  # in the record's order; empty: text-only
+    visuals: tuple[Visual, ...] = ()  # in the record's order (earlier turns' first); empty: text-only
+    history: tuple[Turn, ...] = ()  # a multi-turn record's earlier exchanges
+    system: str | None = None
+    target_trained: bool = True  # False: the record marks the last answer "loss": false
 
     @property
     def frames(self) -> np.ndarray | None:
@@ -149,4 +152,6 @@ def render_task(sample: VideoTextSample, visuals: tuple[Visual, ...], indices: S
     """indices: the video's sampled frame indices. rng is the sample's generator in training; evaluation
     derives a fixed one from the key."""
     rng = rng if rng is not None else np.random.default_rng(zlib.crc32(sample.key.encode()))
-    return TEMPLATES.get(sample.record.get("task", ""), as_written)(sample, visuals, indices, rng)
+    task_input = TEMPLATES.get(sample.record.get("task", ""), as_written)(sample, visuals, indices, rng)
+    return dataclasses.replace(task_input, history=sample.history, system=sample.system,
+                               target_trained=sample.target_trained)

@@ -12,6 +12,7 @@ import torch
 from transformers import ProcessorMixin
 from transformers.video_utils import VideoMetadata
 
+from tarsier_train.data.chat_labels import OFFSET_KWARGS, TARGET_FLAG, check_template_labels, encoded_target_mask
 from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.tasks import TaskInput, Visual, render_task
@@ -28,6 +29,15 @@ VISUAL_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", 
 
 class SampleTooLongError(ValueError):
     """A sample that cannot fit max_seq_len without cutting its visual tokens or its whole target."""
+
+
+class NoTargetError(ValueError):
+    """A sample with nothing to learn: every answer is empty or marked "loss": false."""
+
+
+def _assistant(answer: str, trained: bool) -> dict[str, Any]:
+    message = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    return message if trained and answer.strip() else {**message, TARGET_FLAG: False}
 
 
 @dataclasses.dataclass
@@ -47,6 +57,7 @@ class VideoTextTransform:
 
     def __post_init__(self) -> None:
         check_backend(self.video_backend)
+        check_template_labels(self.processor)  # a template that labels nothing fails here, not after a week
 
     def frame_pixel_bounds(self, num_frames: int) -> dict[str, int]:
         """The processor's `size` for a clip of num_frames frames; the lower bound wins over the budget."""
@@ -81,18 +92,30 @@ class VideoTextTransform:
             return np.concatenate([frames, frames[-1:]])
         return frames
 
-    def messages(self, task_input: TaskInput, with_target: bool) -> list[dict[str, Any]]:
+    def _user(self, visuals: Sequence[Visual], text: str) -> dict[str, Any]:
         content = [{"type": visual.kind, visual.kind: self.processor_frames(visual.pixels)
-                    if visual.kind == "video" else visual.pixels} for visual in task_input.visuals]
-        user = {"role": "user", "content": [*content, {"type": "text", "text": task_input.prompt}]}
-        if not with_target:
-            return [user]
-        return [user, {"role": "assistant", "content": [{"type": "text", "text": task_input.target}]}]
+                    if visual.kind == "video" else visual.pixels} for visual in visuals]
+        return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
 
-    def _encode(self, task_input: TaskInput, with_target: bool, **kwargs: Any) -> dict[str, torch.Tensor]:
-        messages = self.messages(task_input, with_target)
+    def messages(self, task_input: TaskInput, with_target: bool) -> list[dict[str, Any]]:
+        """The conversation for the chat template: system, earlier turns (each user turn with its own media), the
+        last prompt, and its answer if with_target. Answers that are not targets (the record says "loss": false, or
+        they are empty: an evaluation record's blank answer must not teach the model to stop) carry "loss": false."""
+        visuals = iter(task_input.visuals)
+        messages = ([{"role": "system", "content": [{"type": "text", "text": task_input.system}]}]
+                    if task_input.system is not None else [])
+        for turn in task_input.history:
+            messages.append(self._user([next(visuals) for _ in range(turn.num_media)], turn.prompt))
+            messages.append(_assistant(turn.answer, turn.trained))
+        messages.append(self._user(list(visuals), task_input.prompt))
+        if with_target:
+            messages.append(_assistant(task_input.target, task_input.target_trained))
+        return messages
+
+    def _encode(self, task_input: TaskInput, messages: list[dict[str, Any]],
+                processor_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         videos = [visual for visual in task_input.visuals if visual.kind == "video"]
-        processor_kwargs = {}
+        processor_kwargs = dict(processor_kwargs or {})
         if videos:
             # Frames were sampled above: the processor must not resample them; our budget replaces its cap.
             # The metadata makes Qwen2.5-VL's temporal spacing (second_per_grid_ts) the sampled one:
@@ -102,8 +125,7 @@ class VideoTextTransform:
                                       frames_indices=[0]) for v in videos]
             processor_kwargs["videos_kwargs"] = {
                 "do_sample_frames": False, "cap_pixels_per_frame": False, "video_metadata": metadata,
-                "size": self.frame_pixel_bounds(max(len(item["video"]) for item in messages[0]["content"]
-                                                    if item["type"] == "video")),
+                "size": self.frame_pixel_bounds(max(len(self.processor_frames(v.pixels)) for v in videos)),
             }
         if len(videos) < len(task_input.visuals) and (self.min_pixels or self.max_pixels):
             processor_kwargs["images_kwargs"] = {"size": self.frame_pixel_bounds(1)}
@@ -115,10 +137,15 @@ class VideoTextTransform:
         return self.training_inputs(self.prepare(sample, media, rng))
 
     def training_inputs(self, task_input: TaskInput) -> dict[str, torch.Tensor]:
-        """Prompt + target, with labels on the assistant tokens only, cut to max_seq_len after the video."""
-        encoded = self._encode(task_input, with_target=True, return_assistant_tokens_mask=True)
+        """Conversation + target, labels on the trained answers only (end-of-turn tokens included), cut to
+        max_seq_len after the video. Labels come from the chat template itself (chat_labels), whatever it is."""
+        messages = self.messages(task_input, with_target=True)
+        encoded = self._encode(task_input, messages, processor_kwargs=OFFSET_KWARGS)
         input_ids = encoded["input_ids"][0]
-        labels = torch.where(encoded["assistant_masks"][0].bool(), input_ids, IGNORE_INDEX)
+        mask = encoded_target_mask(self.processor, messages, encoded)
+        if not mask.any():
+            raise NoTargetError(f"{task_input.key}: no target token (every answer is empty or marked loss=false)")
+        labels = torch.where(mask, input_ids, IGNORE_INDEX)
         inputs = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": encoded["mm_token_type_ids"][0]}
         truncated = len(input_ids) > self.max_seq_len
         if truncated:
@@ -141,4 +168,4 @@ class VideoTextTransform:
 
     def generation_inputs(self, task_input: TaskInput) -> dict[str, torch.Tensor]:
         """The prompt alone (batch of one), ending with the assistant header, ready for `generate`."""
-        return dict(self._encode(task_input, with_target=False, add_generation_prompt=True))
+        return dict(self._encode(task_input, self.messages(task_input, with_target=False), add_generation_prompt=True))

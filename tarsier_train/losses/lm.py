@@ -17,4 +17,9 @@ def summed_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tu
     loss_sum = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum",
     )
-    return loss_sum, (targets != IGNORE_INDEX).sum()
+    return loss_sum, num_target_tokens(labels)
+
+
+def num_target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The labels a next-token loss predicts (every labelled position but the first of each row)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()

@@ -32,23 +32,17 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
-# Qwen2-VL's template, reduced to what the toy world uses; {% generation %} marks the tokens that
-# `return_assistant_tokens_mask=True` reports as assistant tokens (our labels).
+# Qwen2-VL's template, reduced to what the toy world uses (no default system prompt). It carries no
+# `{% generation %}` markers, like the templates Qwen publishes: labels come from tarsier_train.data.chat_labels.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}<|im_end|>{% endgeneration %}\n"
-    "{% else %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -140,7 +134,8 @@ def tiny_qwen2_vl_dir(
 ) -> str:
     """Path of a saved tiny Qwen2-VL (model + processor); built on first use, reused afterwards."""
     settings = {k: v for k, v in locals().items() if k != "cache_dir"}
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    # the template too: a cached model built with an older template is not reused
+    digest = hashlib.sha1(json.dumps({**settings, "chat_template": CHAT_TEMPLATE}, sort_keys=True).encode()).hexdigest()[:10]
     target = Path(cache_dir) / f"tiny_qwen2_vl-{digest}"
     if (target / "tiny_settings.json").exists():  # written inside the staging dir, so the build is complete
         return str(target)
