@@ -58,6 +58,7 @@ from recipes.lm import LMRecipe
 from recipes.strategies import FSDP2Strategy
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.packing import PackingCollator, RopeIndex
+from tarsier_train.data.step_batches import StepLookahead
 from tarsier_train.models import load_processor, tiny_qwen2_vl_dir
 from tarsier_train.models.controls import build_model
 from tarsier_train.optim import grouped_optimizer
@@ -147,8 +148,8 @@ def fit_ours(model: PreTrainedModel, processor, samples: list, collate: PackingC
                         # A distributed strategy otherwise swaps in a shuffling DistributedSampler: TRL's order, not a
                         # permutation of it, so both sides train on the same batches and timed tokens.
                         use_distributed_sampler=False)
-    trainer.fit(recipe, DataLoader(samples, batch_size=args.batch_size, shuffle=False, collate_fn=collate,
-                                   pin_memory=cuda))
+    batches = DataLoader(samples, batch_size=args.batch_size, shuffle=False, collate_fn=collate, pin_memory=cuda)
+    trainer.fit(recipe, StepLookahead(batches, 1, recipe.loss_normalisers))  # as the data modules hand batches over
     return log
 
 

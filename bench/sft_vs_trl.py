@@ -41,6 +41,7 @@ from tarsier_train.data.collate import VideoTextCollator, model_inputs
 from tarsier_train.data.packing import PackingCollator, RopeIndex
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
+from tarsier_train.data.step_batches import StepLookahead
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.models import load_model, load_processor, tiny_qwen2_vl_dir
 from tarsier_train.optim import grouped_optimizer, warmup_cosine
@@ -126,8 +127,8 @@ def train_ours(model_dir: str, processor, samples: list, collate, args: argparse
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=[LightningSteps(log)])
-    trainer.fit(recipe, DataLoader(samples, batch_size=args.batch_size, shuffle=False, collate_fn=collate,
-                                   pin_memory=cuda))
+    batches = DataLoader(samples, batch_size=args.batch_size, shuffle=False, collate_fn=collate, pin_memory=cuda)
+    trainer.fit(recipe, StepLookahead(batches, 1, recipe.loss_normalisers))  # as the data modules hand batches over
     return log
 
 

@@ -17,6 +17,7 @@ from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.packing import PackingCollator, RopeIndex
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
+from tarsier_train.data.step_batches import StepLookahead
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
 from tarsier_train.data.tasks import TASK_NAMES
 from tarsier_train.data.transform import VideoTextTransform
@@ -132,11 +133,13 @@ class VideoShardDataModule(L.LightningDataModule):
             "reference_text": [s["reference_text"] for s in samples],
         }
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StepLookahead:
+        """Batches read one optimiser step ahead, each tagged with what the step holds in all (the recipe counts)."""
         stream = VideoTextStream(self.train_sources(), seed=self.seed, shuffle=True, shuffle_block=self.shuffle_block)
         stream.resume_state = self._resume_state
-        self._progress = StreamProgress(stream, self.trainer.world_size if self.trainer else 1, max(1, self.num_workers))
-        return self._loader(stream, self.train_collator)
+        self._progress = StreamProgress(stream, self.trainer.world_size, max(1, self.num_workers))
+        return StepLookahead(self._loader(stream, self.train_collator), self.trainer.accumulate_grad_batches,
+                             self.trainer.lightning_module.loss_normalisers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(EvalStream(expand_shards(self.val_shards), self.make_val_sample), self.collate_val)

@@ -1,22 +1,27 @@
-"""What every objective's LightningModule shares: the model and processor, optimiser wiring, and the
-data counters (skipped / truncated samples, real-token throughput) logged with each training step."""
+"""What every objective's LightningModule shares: the model and processor, fp32 master weights, optimiser wiring,
+losses normalised over whole optimiser steps, and the data counters (skipped / truncated samples, real-token
+throughput) logged with each training step."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.strategies import FSDP2Strategy
 from tarsier_train.checkpoint.rng import all_ranks_rng_states, restore_rank_rng_states
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
+from tarsier_train.data.step_batches import STEP_TOTALS_KEY
 from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.data.transform import TRUNCATED_KEY
 from tarsier_train.distributed.fsdp import shard_model
+from tarsier_train.models.controls import fp32_master_weights
 
 RNG_STATES_KEY = "rng_states"  # Lightning's checkpoint has no RNG states of its own
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -33,6 +38,30 @@ class RecipeBase(L.LightningModule):
         self._num_skipped = self._num_truncated = 0
         self._step_started = time.perf_counter()
         self._resumed_rng_states: list[dict[str, Any]] | None = None
+        self._step_loss: torch.Tensor | float = 0.0  # this rank's share of the current optimiser step's loss
+
+    def loss_normalisers(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What the objective's loss is divided by, counted in one micro-batch (1-D); the data module sums it over
+        the micro-batches of each optimiser step (`StepLookahead`), `step_totals` over the ranks."""
+        raise NotImplementedError
+
+    def step_totals(self, batch: dict[str, Any]) -> torch.Tensor:
+        """`loss_normalisers` summed over every micro-batch of this optimiser step, on every rank."""
+        return self.trainer.strategy.reduce(batch[STEP_TOTALS_KEY], reduce_op="sum")
+
+    def step_loss(self, share: torch.Tensor) -> torch.Tensor:
+        """What training_step returns for its micro-batch's `share` of the optimiser step's loss (already divided by
+        the step's global totals): Lightning divides it by the accumulation count and the data-parallel strategies
+        average gradients over ranks; undoing both leaves the gradient of the whole step's loss, however the global
+        batch is split into ranks x micro-batches."""
+        self._step_loss = self._step_loss + share.detach()
+        return share * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the step's loss (every rank's shares summed), once per optimiser step."""
+        loss = self.trainer.strategy.reduce(torch.as_tensor(self._step_loss, device=self.device), reduce_op="sum")
+        self.log("train/loss", loss, prog_bar=True)
+        self._step_loss = 0.0
 
     def log_data_counts(self, batch: dict[str, torch.Tensor]) -> None:
         """Skipped/truncated samples so far, the batch's non-pad share and real tokens per second."""
@@ -63,10 +92,21 @@ class RecipeBase(L.LightningModule):
             self._resumed_rng_states = None
 
     def configure_model(self) -> None:
-        """Under trainer=fsdp: shard the model (FSDP2 per ViT block, merger, decoder layer, then the root)."""
+        self.prepare_model(self.model)
+
+    def prepare_model(self, model: PreTrainedModel) -> None:
+        """In training, fp32 master weights for what trains; frozen parameters keep the checkpoint's dtype when the
+        compute runs in bf16 (`fp32_master_weights`). Under trainer=fsdp the model is sharded (FSDP2 per ViT block,
+        merger, decoder layer, then the root), each unit cast just before it is."""
         strategy = self.trainer.strategy
+        bf16_compute = (self.trainer.precision == "bf16-mixed"
+                        or isinstance(strategy, FSDP2Strategy) and strategy.mixed_precision == "bf16")
+        cast = (functools.partial(fp32_master_weights, keep_frozen_dtype=bf16_compute)
+                if self.trainer.state.fn == TrainerFn.FITTING else None)
         if isinstance(strategy, FSDP2Strategy):
-            shard_model(self.model, strategy.device_mesh["data_parallel"], strategy.mixed_precision)
+            shard_model(model, strategy.device_mesh["data_parallel"], strategy.mixed_precision, prepare_unit=cast)
+        elif cast is not None:
+            cast(model)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # The factory takes the model: per-part learning rates and layer-wise decay need parameter names.

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from recipes.strategies import FSDP2Strategy
 from tarsier_train.checkpoint.export import export_full_state_dict, export_hf
+from tarsier_train.models.load import MODEL_DTYPES, ModelDtype
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,23 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class HFExport(L.Callback):
-    """Save the trained model + processor with save_pretrained at the end of fit (global rank 0); LoRA adapters
-    are merged into the live model first, so the export loads without peft."""
+    """Save the trained model + processor with save_pretrained at the end of fit (global rank 0), weights in `dtype`
+    (the run's model.dtype by default: bf16 for real checkpoints, whatever the fp32 masters); LoRA adapters are merged
+    into the live model first, so the export loads without peft."""
 
     output_label = "HF export"  # train.py prints where each output went
 
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
+    def __init__(self, output_dir: str, dtype: ModelDtype = "bfloat16"):
+        if dtype not in MODEL_DTYPES:
+            raise ValueError(f"callbacks.hf_export.dtype={dtype!r}: allowed values are {', '.join(MODEL_DTYPES)}")
+        self.output_dir, self.dtype = output_dir, dtype
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(trainer.strategy, FSDP2Strategy):  # every rank gives its shards, rank 0 saves
             state = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if trainer.is_global_zero:
-                export_full_state_dict(pl_module.model, state, pl_module.processor, self.output_dir)
+                export_full_state_dict(pl_module.model, state, pl_module.processor, self.output_dir, self.dtype)
         elif trainer.is_global_zero:
-            export_hf(pl_module.model, pl_module.processor, self.output_dir)
+            export_hf(pl_module.model, pl_module.processor, self.output_dir, self.dtype)
         if trainer.is_global_zero:
             log.info("exported Hugging Face model to %s", self.output_dir)

@@ -12,12 +12,10 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
-from recipes.strategies import FSDP2Strategy
 from recipes.writers import HANDLED, SAMPLES
-from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED, num_pairs
+from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED, num_chosen_tokens, num_pairs
 from tarsier_train.data.stream import SKIPPED_KEY
-from tarsier_train.distributed.fsdp import shard_model
-from tarsier_train.losses.dpo import DPOLossSettings, dpo_loss, pair_logps
+from tarsier_train.losses.dpo import DPOLossSettings, DPONormalisers, dpo_loss, pair_logps
 from tarsier_train.models.shared_media import pair_answer_logps
 from tarsier_train.models.vision import text_only_vision_term
 
@@ -38,9 +36,8 @@ class DPORecipe(RecipeBase):
 
     def configure_model(self) -> None:
         super().configure_model()
-        strategy = self.trainer.strategy
-        if self._reference_model is not None and isinstance(strategy, FSDP2Strategy):  # sharded like the policy
-            shard_model(self._reference_model, strategy.device_mesh["data_parallel"], strategy.mixed_precision)
+        if self._reference_model is not None:  # sharded like the policy; frozen, so fp32 only under fp32 compute
+            self.prepare_model(self._reference_model)
 
     def on_fit_start(self) -> None:
         if self._reference_model is not None:
@@ -56,21 +53,24 @@ class DPORecipe(RecipeBase):
             text_only_vision_term(self._reference_model, batch)  # sharded ranks gather the ViT in the same order
             return pair_logps(*pair_answer_logps(self._reference_model, batch), self.loss_settings.ld_alpha)
 
-    def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The DPO loss of a pair batch and its TRL-named metrics."""
+    def pair_loss(self, batch: dict[str, torch.Tensor], normalisers: DPONormalisers | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO loss of a pair batch (divided by `normalisers`, default the batch's own) and its TRL-named metrics."""
         reference = self._reference_logps(batch)
         vision_term = text_only_vision_term(self.model, batch)  # first, as in LMRecipe: same collective order
         chosen, rejected = pair_answer_logps(self.model, batch)
-        loss, metrics = dpo_loss(chosen, rejected, *reference, self.loss_settings)
+        loss, metrics = dpo_loss(chosen, rejected, *reference, self.loss_settings, normalisers)
         return loss + vision_term, metrics
 
+    def loss_normalisers(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pairs, and chosen answer tokens (the 'sft' loss type's mean): per optimiser step, over all ranks."""
+        return torch.stack([torch.tensor(num_pairs(batch)), num_chosen_tokens(batch)])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.pair_loss(batch)
-        pairs = num_pairs(batch)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=pairs)
-        self.log_dict(metrics, batch_size=pairs)  # TRL's names: rewards/chosen, rewards/margins, ...
+        loss, metrics = self.pair_loss(batch, DPONormalisers(*self.step_totals(batch).float()))
+        self.log_dict(metrics, batch_size=num_pairs(batch))  # TRL's names: rewards/chosen, rewards/margins, ...
         self.log_data_counts(batch)
-        return loss
+        return self.step_loss(loss)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:

@@ -16,7 +16,7 @@ from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.eval.grounding import GroundingScore, score_grounding
 from tarsier_train.eval.temporal_order import TemporalOrderScore, score_order
-from tarsier_train.losses import summed_token_cross_entropy
+from tarsier_train.losses import num_target_tokens, summed_token_cross_entropy
 from tarsier_train.models.vision import text_only_vision_term
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,22 @@ class LMRecipe(RecipeBase):
         loss_sum, num_tokens = summed_token_cross_entropy(logits, batch["labels"])
         return loss_sum + vision_term, num_tokens
 
+    def loss_normalisers(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The target tokens: the loss is their mean over the whole optimiser step (all micro-batches, all ranks)."""
+        return num_target_tokens(batch["labels"]).reshape(1)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, num_tokens = self._loss(batch)
-        # Token mean over every rank's batch, not a mean of per-rank means: ranks see different lengths.
-        global_tokens = self.trainer.strategy.reduce(num_tokens.float(), reduce_op="sum")
-        loss = loss_sum * self.trainer.world_size / global_tokens.clamp(min=1)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["input_ids"]))
-        self.log("train/target_tokens", num_tokens.float(), batch_size=len(batch["input_ids"]))
+        step_tokens = self.step_totals(batch)[0]  # every rank gets the same count: all raise together, none hangs
+        if step_tokens == 0:
+            raise RuntimeError(
+                f"optimiser step {self.global_step}: none of its batches, on any rank, holds a target token, so there "
+                "is nothing to learn. Check that the model's chat template renders the assistant's answers "
+                "(template), that data.max_seq_len leaves room for the answer after the media (truncation), and that "
+                "the records do not mark every answer \"loss\": false (masking).")
+        loss_sum, _ = self._loss(batch)
+        self.log("train/target_tokens", step_tokens.float(), batch_size=len(batch["input_ids"]))
         self.log_data_counts(batch)
-        return loss
+        return self.step_loss(loss_sum / step_tokens.to(loss_sum.dtype))
 
     def on_validation_epoch_start(self) -> None:
         self._val_scores = {"events": EventScore(), "grounding": GroundingScore(), "order": TemporalOrderScore()}

@@ -135,3 +135,14 @@ def test_bad_command_lines_fail_before_compute(args, expected, tmp_path, cache_r
 def test_choice_values_are_checked_against_their_literals():
     with pytest.raises(ConfigError, match=r"data\.frame_sampling='random': allowed values are uniform, segment, fps"):
         validate_config(_compose(["recipe=sft", "data.frame_sampling=random"]))
+
+
+def test_low_precision_weights_and_unknown_dtypes_are_refused_before_compute():
+    """Training bf16 weights directly rounds Tarsier2-sized updates away: refused, with what to use instead."""
+    with pytest.raises(ConfigError, match=r"trainer\.precision=bf16-true: .*allowed for training: 32-true, bf16-mixed"):
+        validate_config(_compose(["recipe=sft", "trainer.precision=bf16-true"]))
+    with pytest.raises(ConfigError, match=r"model\.dtype='bf16': allowed values are float32, bfloat16, float16"):
+        validate_config(_compose(["recipe=sft", "model.dtype=bf16"]))
+    validate_config(_compose(["recipe=sft", "trainer.precision=bf16-mixed", "model.dtype=bfloat16"]))
+    cfg = _compose(["recipe=sft", "model=qwen2_vl", "model.path=/models/qwen"])
+    assert cfg.callbacks.hf_export.dtype == "bfloat16"  # exported as loaded, whatever the fp32 masters

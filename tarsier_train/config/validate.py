@@ -13,6 +13,8 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tarsier_train.models.load import MODEL_DTYPES
+
 # Arguments train.py passes at build time rather than from YAML, per role.
 RUNTIME_ARGUMENTS = {"data": {"processor"}, "objective": {"model", "processor"}, "trainer": {"callbacks", "logger", "plugins", "default_root_dir"}}
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -20,6 +22,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 SECRET_KEY = re.compile(r"(?:^|_)(?:api_?key|token|secret|password)(?:$|_)", re.IGNORECASE)
 RESUME_CHOICES = "null, auto, or a path to a .ckpt file"
 MODES = ("fit", "predict")
+LOW_PRECISION_WEIGHTS = ("bf16-true", "16-true")
 
 
 class ConfigError(ValueError):
@@ -35,8 +38,24 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"resume={resume!r}: allowed values are {RESUME_CHOICES}")
     if cfg.get("mode", "fit") not in MODES:
         problems.append(f"mode={cfg.mode!r}: allowed values are {', '.join(MODES)}")
+    problems += _precision_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _precision_problems(cfg: DictConfig) -> list[str]:
+    """model.dtype is one the weights can load in; training never updates low-precision weights directly (what trains
+    is fp32, compute runs in bf16 through bf16-mixed or FSDP2's policy)."""
+    problems = []
+    dtype = OmegaConf.select(cfg, "model.dtype")
+    if dtype not in MODEL_DTYPES:
+        problems.append(f"model.dtype={dtype!r}: allowed values are {', '.join(MODEL_DTYPES)}")
+    precision = str(OmegaConf.select(cfg, "trainer.precision"))
+    if cfg.get("mode", "fit") == "fit" and precision in LOW_PRECISION_WEIGHTS:
+        problems.append(f"trainer.precision={precision}: it would train {precision.split('-')[0]} weights, whose "
+                        "resolution rounds away updates at Tarsier2's learning rates; allowed for training: 32-true, "
+                        "bf16-mixed, 16-mixed (or trainer=fsdp with trainer.strategy.mixed_precision=bf16)")
+    return problems
 
 
 def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from tarsier_train.data.step_batches import STEP_TOTALS_KEY
 from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS
 
 
 NON_PAD_FRACTION_KEY = "non_pad_fraction"  # real tokens / token slots of a batch; the recipe logs it
-NOT_MODEL_INPUTS = ("labels", SKIPPED_KEY, TRUNCATED_KEY, NON_PAD_FRACTION_KEY)
+NOT_MODEL_INPUTS = ("labels", SKIPPED_KEY, TRUNCATED_KEY, NON_PAD_FRACTION_KEY, STEP_TOTALS_KEY)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

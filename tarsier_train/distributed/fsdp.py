@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -85,7 +85,8 @@ def _inputs_require_grad(model: PreTrainedModel) -> None:
 
 
 def shard_model(model: PreTrainedModel, device_mesh: DeviceMesh, mixed_precision: MixedPrecision = "fp32",
-                reshard_after_forward: bool = True) -> PreTrainedModel:
+                reshard_after_forward: bool = True,
+                prepare_unit: Callable[[torch.nn.Module], None] | None = None) -> PreTrainedModel:
     """Apply FSDP2 in place: one unit per ViT block, the merger, one per decoder layer, then the root. Parameter
     names stay as they were (optimiser groups and LR decay use them); build the optimiser after this call. Every
     rank must hold the same weights before (same seed for LoRA's random init): each keeps its slice of its own copy.
@@ -93,14 +94,20 @@ def shard_model(model: PreTrainedModel, device_mesh: DeviceMesh, mixed_precision
     A model with nothing to train (the DPO reference) also frees the root's parameters after each forward, as no
     backward will. `device_mesh` is the 1-D data-parallel mesh (Lightning: `self.device_mesh["data_parallel"]`).
     Text-only batches must add `text_only_vision_term` *before* the model's forward, where a video batch runs the ViT.
+    `prepare_unit` (e.g. a cast to fp32 master weights) runs on each unit just before it is sharded, so no rank ever
+    holds more than one unit prepared in full.
     """
     policy = mixed_precision_policy(mixed_precision)
     names = shard_unit_names(model)
     trains = any(p.requires_grad for p in model.parameters())
     units: list[FSDPModule] = []
     for name in names:
+        if prepare_unit is not None:
+            prepare_unit(model.get_submodule(name))
         units.append(fully_shard(model.get_submodule(name), mesh=device_mesh, mp_policy=policy,
                                  reshard_after_forward=reshard_after_forward))
+    if prepare_unit is not None:  # the root's own parameters: the units' are sharded (and prepared) already
+        prepare_unit(model)
     # The root keeps its parameters from forward to backward (FSDP2's default for the root) when it trains.
     root = fully_shard(model, mesh=device_mesh, mp_policy=policy, reshard_after_forward=None if trains else True)
     for method in ROOT_METHODS:

@@ -240,12 +240,6 @@ def _aot_unpaired(p: _Pair, s: DPOLossSettings) -> torch.Tensor:
     return _smoothed_sigmoid(p.chosen_logratios.sort(dim=0).values - p.rejected_logratios.sort(dim=0).values, s)
 
 
-def _sft(p: _Pair, s: DPOLossSettings) -> torch.Tensor:
-    # TRL: the mean over every chosen answer token of the batch, repeated per pair so the batch mean leaves it as is
-    nll = -p.chosen.summed.sum() / p.chosen.num_tokens.sum()
-    return nll.expand(p.chosen_logps.size(0))
-
-
 _LOSSES: dict[str, Callable[[_Pair, DPOLossSettings], torch.Tensor]] = {
     "sigmoid": lambda p, s: -F.logsigmoid(s.beta * p.delta_score),
     "hinge": lambda p, s: torch.relu(1 - s.beta * p.delta_score),
@@ -262,20 +256,37 @@ _LOSSES: dict[str, Callable[[_Pair, DPOLossSettings], torch.Tensor]] = {
     "apo_zero": _apo_zero,
     "apo_down": _apo_down,
     "discopop": _discopop,
-    "sft": _sft,
+    # TRL: the mean NLL over every chosen answer token of the batch: each pair gives its token sum (see TOKEN_MEAN)
+    "sft": lambda p, s: -p.chosen.summed,
     "sigmoid_norm": lambda p, s: -F.logsigmoid(s.beta * p.length_normalised_delta),
 }
 assert set(_LOSSES) == set(LOSS_TYPES)
+TOKEN_MEAN = ("sft",)  # loss types averaged over chosen answer tokens; the others over pairs
+
+
+@dataclass(frozen=True)
+class DPONormalisers:
+    """What each loss type is divided by: pairs, or chosen answer tokens (TOKEN_MEAN). One batch's own counts give
+    TRL's batch means; a whole optimiser step's counts (all micro-batches, all ranks) give one gradient per global
+    batch however it is split. The 'aot' types still sort within each micro-batch, as TRL sorts within its batch."""
+
+    num_pairs: torch.Tensor | float
+    num_chosen_tokens: torch.Tensor | float
+
+    @classmethod
+    def of_batch(cls, chosen: SequenceLogps) -> DPONormalisers:
+        return cls(chosen.per_token.size(0), chosen.num_tokens.sum())
 
 
 def dpo_loss(
     chosen: SequenceLogps, rejected: SequenceLogps, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-    settings: DPOLossSettings,
+    settings: DPOLossSettings, normalisers: DPONormalisers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weighted sum of each loss type's batch mean, TRL-named metrics) for one batch of pairs.
+    """(weighted sum of each loss type's mean, TRL-named metrics) for one batch of pairs.
 
     `chosen`/`rejected` are the policy's (see `sequence_logps`); the reference log-probs are per sequence, reduced
-    with `pair_logps(..., settings.ld_alpha)`. Metrics are detached batch means, as DPOTrainer logs them.
+    with `pair_logps(..., settings.ld_alpha)`. Each type's per-pair losses are summed and divided by `normalisers`
+    (default: this batch's counts, i.e. TRL's batch means). Metrics are detached batch means, as DPOTrainer logs them.
     """
     chosen_logps, rejected_logps = pair_logps(chosen, rejected, settings.ld_alpha)
     pair = _Pair(
@@ -284,8 +295,11 @@ def dpo_loss(
         _f_divergence_score(rejected_logps - ref_rejected_logps, settings),
         chosen, rejected,
     )
+    normalisers = normalisers or DPONormalisers.of_batch(chosen)
     weighted = zip(settings.loss_type, settings.weights, strict=True)
-    loss = sum(_LOSSES[name](pair, settings).mean() * weight for name, weight in weighted)
+    loss = sum(_LOSSES[name](pair, settings).sum() * weight
+               / (normalisers.num_chosen_tokens if name in TOKEN_MEAN else normalisers.num_pairs)
+               for name, weight in weighted)
     chosen_rewards = settings.beta * pair.chosen_logratios.detach()
     rejected_rewards = settings.beta * pair.rejected_logratios.detach()
     metrics = {

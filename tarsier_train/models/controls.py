@@ -108,6 +108,17 @@ def build_model(model_dir: str, dtype: str = "float32", attn_implementation: str
     return model
 
 
+def fp32_master_weights(module: torch.nn.Module, keep_frozen_dtype: bool) -> None:
+    """Parameters that train become fp32, whatever dtype the checkpoint loaded in: Adam's steps at Tarsier2's learning
+    rates (1e-6 to 2e-5) lie below bf16's resolution for most weights and would be rounded away, and the optimiser
+    state follows the parameters' dtype. Frozen parameters keep theirs when the compute runs in bf16 anyway
+    (keep_frozen_dtype: half the memory), else become fp32 too, so that no op meets two dtypes."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.dtype != torch.float32 and (
+                parameter.requires_grad or not keep_frozen_dtype):
+            parameter.data = parameter.data.float()
+
+
 def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     """Fold every adapter into the weight it adapts and put the plain layer back, in place: peft's merge_and_unload
     for a model adapted with inject_adapter_in_model. The result saves as an ordinary Hugging Face model."""

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+
+# The dtype weights load in (model.dtype) and are exported in; what trains is fp32 whatever this is.
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 
 
 def local_model_dir(path: str | None, key: str = "model.path") -> str:
