@@ -14,9 +14,10 @@ from transformers import ProcessorMixin
 
 from datamodules.toyworld import ToyWorldDataModule
 from datamodules.video_shards import VideoShardDataModule
+from tarsier_train.data.record_check import WRONG_MEDIA_COUNT, RecordError
 from tarsier_train.data.records import canonical_sample, media_bytes, media_members
 from tarsier_train.data.tasks import TaskInput, Visual, render_task
-from tarsier_train.data.video import read_frames, seconds_between
+from tarsier_train.data.video import seconds_between
 from tarsier_train.sampler import CORRUPTIONS, choose_corruption
 
 CLEAN, CORRUPTED, PROVENANCE, RAW = "clean", "corrupted", "provenance", "raw"
@@ -40,7 +41,7 @@ class SamplingInputs:
                             rng: np.random.Generator | None) -> dict[str, Any]:
         sample = canonical_sample(key, record, self.task)
         if sample.video is None or len(sample.media) != 1:
-            raise ValueError(f"{key}: the preference sampler needs records with exactly one video")
+            raise RecordError(WRONG_MEDIA_COUNT, f"{key}: the preference sampler needs records with exactly one video")
         clip_rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])  # the same choice after a resume
         corruption = choose_corruption(self.corruptions, clip_rng, self.corruption_params)
         chosen: dict[str, list[int]] = {}
@@ -51,7 +52,7 @@ class SamplingInputs:
             return sorted(set(chosen[CLEAN]) | set(chosen[CORRUPTED]))  # one decode for both copies
 
         data = media_bytes(sample, members)[0]
-        frames, indices, fps = read_frames(data, choose, self.transform.video_backend, self.transform.decode_timeout_s)
+        frames, indices, fps = self.transform.read_video(data, choose)
         by_index = dict(zip(indices, frames))
         clean = render_task(sample, (self._visual(chosen[CLEAN], by_index, fps),), chosen[CLEAN], None)
         corrupted = TaskInput(key, clean.prompt, clean.target, (self._visual(chosen[CORRUPTED], by_index, fps),))

@@ -7,6 +7,7 @@ from typing import Any
 from transformers import ProcessorMixin
 
 from datamodules.video_shards import VideoShardDataModule
+from tarsier_train.config.types import PositiveInt
 from tarsier_train.toyworld import ToyWorldSpec, ensure_derived, ensure_toyworld, toyworld_shards
 from tarsier_train.toyworld.tasks import DERIVED_KINDS
 
@@ -15,9 +16,9 @@ class ToyWorldDataModule(VideoShardDataModule):
     """data.sources entries may name toy-world shard sets instead of paths: `train` (captions, with events
     and boxes for grounding / frame-order / tracking overrides) or a derived set (qa, image, text)."""
 
-    def __init__(self, processor: ProcessorMixin, root: str, num_train_clips: int = 2000,
-                 num_val_clips: int = 32, clip_frames: int = 16, frame_size: int = 112, max_events: int = 3,
-                 world_seed: int = 0, **loader: Any):
+    def __init__(self, processor: ProcessorMixin, root: str, num_train_clips: PositiveInt = 2000,
+                 num_val_clips: PositiveInt = 32, clip_frames: PositiveInt = 16, frame_size: PositiveInt = 112,
+                 max_events: PositiveInt = 3, world_seed: int = 0, **loader: Any):
         super().__init__(processor, **loader)
         self.root = root
         self.spec = ToyWorldSpec(num_train_clips=num_train_clips, num_val_clips=num_val_clips,

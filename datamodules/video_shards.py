@@ -13,12 +13,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import ProcessorMixin
 
+from tarsier_train.config.schema import DataSource, FrameCounts
+from tarsier_train.config.types import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.packing import PackingCollator, RopeIndex
+from tarsier_train.data.record_check import extra_info
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
+from tarsier_train.data.skips import SKIP_REASONS_KEY, SkipBudget
 from tarsier_train.data.step_batches import StepLookahead
-from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY, EvalStream, Source, StreamProgress, VideoTextStream
+from tarsier_train.data.stream import POSITION_KEY, EvalStream, Source, StreamProgress, VideoTextStream
 from tarsier_train.data.tasks import TASK_NAMES
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.data.video import VideoBackendName
@@ -35,7 +39,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
 
 PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2")
-SOURCE_KEYS = {"shards", "weight", "task", "num_frames", "frame_sampling"}
+SOURCE_KEYS = DataSource.__required_keys__ | DataSource.__optional_keys__
 
 
 def _frame_counts(value: int | list[int]) -> int | tuple[int, ...]:
@@ -62,13 +66,15 @@ def _packing_collator(processor: ProcessorMixin, model_dir: str | None, max_toke
 
 class VideoShardDataModule(L.LightningDataModule):
     def __init__(self, processor: ProcessorMixin, train_shards: str | list[str] | None = None,
-                 val_shards: str | list[str] | None = None, sources: list[dict[str, Any]] | None = None,
-                 task: str | None = None, batch_size: int = 8, num_workers: int = 1,
-                 num_frames: int | list[int] = 8, frame_sampling: SamplingMode = "uniform", target_fps: float = 2.0,
-                 max_n_frames: int = 128, duplicate_frames: bool = True, max_seq_len: int = 16384,
-                 min_pixels: int | None = None, max_pixels: int | None = None, total_pixels: int | None = None,
-                 video_backend: VideoBackendName = "pyav", decode_timeout_s: float | None = 60.0,
-                 seed: int = 0, shuffle_block: int = 256, packing: bool = False, max_tokens_per_row: int | None = None,
+                 val_shards: str | list[str] | None = None, sources: list[DataSource] | None = None,
+                 task: str | None = None, batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 1,
+                 num_frames: FrameCounts = 8, frame_sampling: SamplingMode = "uniform", target_fps: PositiveFloat = 2.0,
+                 max_n_frames: PositiveInt = 128, duplicate_frames: bool = True, max_seq_len: PositiveInt = 16384,
+                 min_pixels: PositiveInt | None = None, max_pixels: PositiveInt | None = None,
+                 total_pixels: PositiveInt | None = None,
+                 video_backend: VideoBackendName = "pyav", decode_timeout_s: PositiveFloat | None = 60.0,
+                 max_skipped_fraction: Fraction = 0.5, skip_check_min_samples: PositiveInt = 100, seed: int = 0,
+                 shuffle_block: PositiveInt = 256, packing: bool = False, max_tokens_per_row: PositiveInt | None = None,
                  attn_implementation: str = "sdpa", model_dir: str | None = None):
         super().__init__()
         sampler = FrameSampler(frame_sampling, _frame_counts(num_frames), target_fps, max_n_frames)
@@ -84,6 +90,7 @@ class VideoShardDataModule(L.LightningDataModule):
             raise ValueError("set data.train_shards (one source) or data.sources (a mixture), not both")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.shuffle_block = seed, shuffle_block
+        self.skip_budget = SkipBudget(max_skipped_fraction, skip_check_min_samples)
         self._resume_state: dict[str, Any] | None = None
         # Per predict dataloader, inputs an interrupted data-writing run already handled (set by its writer).
         self.predict_done_keys: list[frozenset[str]] | None = None
@@ -112,7 +119,8 @@ class VideoShardDataModule(L.LightningDataModule):
     def train_sources(self) -> list[Source]:
         """data.sources, or data.train_shards as a single source."""
         sources = self.sources or [(self.train_shards, 1.0, self.task, self.transform)]
-        return [Source(expand_shards(shards), functools.partial(self.make_train_sample, transform, task), weight)
+        return [Source(expand_shards(shards), functools.partial(self.make_train_sample, transform, task), weight,
+                       str(shards))
                 for shards, weight, task, transform in sources]
 
     def make_val_sample(self, key: str, record: dict, members: dict, rng: np.random.Generator | None) -> dict[str, Any]:
@@ -122,33 +130,40 @@ class VideoShardDataModule(L.LightningDataModule):
             "train": self.transform.training_inputs(task_input),
             "generate": self.transform.generation_inputs(task_input),
             "reference_events": reference_events(record),
+            # events the exact judge cannot read (free text): validation reports them rather than dropping them
+            "unscored_events": bool(extra_info(record).get("events")) and reference_events(record) is None,
             "reference_text": task_input.target,
         }
 
     def collate_val(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return {  # the skip count rides on the loss batch, as in training
-            "train": self.collator([{**s["train"], SKIPPED_KEY: s.get(SKIPPED_KEY, 0)} for s in samples]),
+            "train": self.collator([{**s["train"], SKIP_REASONS_KEY: s[SKIP_REASONS_KEY]} for s in samples]),
             "generate": [s["generate"] for s in samples],
             "reference_events": [s["reference_events"] for s in samples],
+            "unscored_events": torch.tensor(sum(s["unscored_events"] for s in samples)),
             "reference_text": [s["reference_text"] for s in samples],
         }
 
     def train_dataloader(self) -> StepLookahead:
         """Batches read one optimiser step ahead, each tagged with what the step holds in all (the recipe counts)."""
-        stream = VideoTextStream(self.train_sources(), seed=self.seed, shuffle=True, shuffle_block=self.shuffle_block)
+        stream = VideoTextStream(self.train_sources(), self.seed, True, self.shuffle_block, self.skip_budget)
         stream.resume_state = self._resume_state
         self._progress = StreamProgress(stream, self.trainer.world_size, max(1, self.num_workers))
         return StepLookahead(self._loader(stream, self.train_collator), self.trainer.accumulate_grad_batches,
                              self.trainer.lightning_module.loss_normalisers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(EvalStream(expand_shards(self.val_shards), self.make_val_sample), self.collate_val)
+        return self._loader(self._eval_stream(self.val_shards, self.make_val_sample), self.collate_val)
+
+    def _eval_stream(self, shards: str | list[str], make_sample: Any,
+                     done_keys: frozenset[str] = frozenset()) -> EvalStream:
+        return EvalStream(expand_shards(shards), make_sample, done_keys, self.skip_budget, str(shards))
 
     def split_loaders(self, make_sample: Any, collate: Any) -> list[DataLoader]:
         """For recipes that write data: every train sample once, then every val sample once (the writer's splits),
         passing over inputs an interrupted earlier run already handled."""
         done = self.predict_done_keys or [frozenset(), frozenset()]
-        return [self._loader(EvalStream(expand_shards(shards), make_sample, done_keys), collate)
+        return [self._loader(self._eval_stream(shards, make_sample, done_keys), collate)
                 for shards, done_keys in zip((self.train_shards, self.val_shards), done)]
 
     def _loader(self, stream: IterableDataset, collate: Any) -> DataLoader:

@@ -4,7 +4,9 @@ throughput) logged with each training step."""
 
 from __future__ import annotations
 
+import collections
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,13 +18,15 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.strategies import FSDP2Strategy
 from tarsier_train.checkpoint.rng import all_ranks_rng_states, restore_rank_rng_states
+from tarsier_train.config.types import NonNegativeFloat
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
+from tarsier_train.data.skips import SKIP_REASONS_KEY, SKIPPED_KEY
 from tarsier_train.data.step_batches import STEP_TOTALS_KEY
-from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.data.transform import TRUNCATED_KEY
 from tarsier_train.distributed.fsdp import shard_model
 from tarsier_train.models.controls import fp32_master_weights
 
+log = logging.getLogger(__name__)
 RNG_STATES_KEY = "rng_states"  # Lightning's checkpoint has no RNG states of its own
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -30,12 +34,13 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 class RecipeBase(L.LightningModule):
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, optimizer: OptimizerFactory,
-                 lr_schedule: SchedulerFactory, weight_decay: float = 0.01):
+                 lr_schedule: SchedulerFactory, weight_decay: NonNegativeFloat = 0.01):
         super().__init__()
         self.model, self.processor = model.train(), processor  # from_pretrained returns eval mode
         self.optimizer_factory, self.lr_schedule_factory = optimizer, lr_schedule
         self.weight_decay = weight_decay
-        self._num_skipped = self._num_truncated = 0
+        self._num_truncated = 0
+        self._skip_reasons: collections.Counter[str] = collections.Counter()  # this rank's, since the run (re)started
         self._step_started = time.perf_counter()
         self._resumed_rng_states: list[dict[str, Any]] | None = None
         self._step_loss: torch.Tensor | float = 0.0  # this rank's share of the current optimiser step's loss
@@ -64,8 +69,9 @@ class RecipeBase(L.LightningModule):
         self._step_loss = 0.0
 
     def log_data_counts(self, batch: dict[str, torch.Tensor]) -> None:
-        """Skipped/truncated samples so far, the batch's non-pad share and real tokens per second."""
-        self._num_skipped += int(batch[SKIPPED_KEY])
+        """Skipped (in all and by reason) and truncated samples so far, the batch's non-pad share and real tokens per
+        second."""
+        self._skip_reasons.update(batch[SKIP_REASONS_KEY])
         self._num_truncated += int(batch[TRUNCATED_KEY])
         now = time.perf_counter()
         non_pad_fraction = float(batch[NON_PAD_FRACTION_KEY])
@@ -75,9 +81,19 @@ class RecipeBase(L.LightningModule):
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             "train/tokens_per_s": tokens_per_s,
             "data/non_pad_fraction": non_pad_fraction,
-            "data/skipped_samples": float(self._num_skipped),
+            "data/skipped_samples": float(self._skip_reasons.total()),
+            **{f"data/skipped/{reason}": float(count) for reason, count in self._skip_reasons.items()},
             "data/truncated_samples": float(self._num_truncated),
         }, batch_size=len(batch["input_ids"]))
+
+    def on_train_end(self) -> None:
+        if self._skip_reasons:
+            log.warning("rank %d skipped %d training samples: %s", self.global_rank, self._skip_reasons.total(),
+                        ", ".join(f"{reason} {count}" for reason, count in self._skip_reasons.most_common()))
+
+    def log_val_skips(self, batch: dict[str, Any]) -> None:
+        """Skipped validation samples, in all and by reason (summed over the epoch and the ranks)."""
+        self.log("val/skipped_samples", batch[SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RNG_STATES_KEY] = all_ranks_rng_states()  # every rank saves: Lightning calls this on all of them

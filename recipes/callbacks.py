@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from recipes.strategies import FSDP2Strategy
 from tarsier_train.checkpoint.export import export_full_state_dict, export_hf
+from tarsier_train.config.types import PositiveInt
 from tarsier_train.models.load import MODEL_DTYPES, ModelDtype
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class StepCheckpoint(ModelCheckpoint):
     """Every-N-steps checkpoints named step-NNNNNN.ckpt, plus one at the end of training."""
 
-    def __init__(self, dirpath: str, every_n_train_steps: int = 100, keep_last: int = 3):
+    def __init__(self, dirpath: str, every_n_train_steps: PositiveInt = 100, keep_last: PositiveInt = 3):
         super().__init__(dirpath=dirpath, filename="step-{step:06d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_train_steps, save_top_k=keep_last, monitor="step",
                          mode="max", save_last=False)

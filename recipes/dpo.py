@@ -13,8 +13,9 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
 from recipes.writers import HANDLED, SAMPLES
+from tarsier_train.config.types import NonNegativeFloat
 from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED, num_chosen_tokens, num_pairs
-from tarsier_train.data.stream import SKIPPED_KEY
+from tarsier_train.data.record_check import extra_info
 from tarsier_train.losses.dpo import DPOLossSettings, DPONormalisers, dpo_loss, pair_logps
 from tarsier_train.models.shared_media import pair_answer_logps
 from tarsier_train.models.vision import text_only_vision_term
@@ -25,7 +26,7 @@ ReferenceMode = Literal["frozen", "precomputed"]
 class DPORecipe(RecipeBase):
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, optimizer: OptimizerFactory,
                  lr_schedule: SchedulerFactory, loss: DPOLossSettings, reference: ReferenceMode = "frozen",
-                 weight_decay: float = 0.01):
+                 weight_decay: NonNegativeFloat = 0.01):
         super().__init__(model, processor, optimizer, lr_schedule, weight_decay)
         if reference not in ("frozen", "precomputed"):
             raise ValueError(f"objective.reference={reference!r}: allowed values are frozen, precomputed")
@@ -79,7 +80,7 @@ class DPORecipe(RecipeBase):
         chosen, rejected = pair_logps(*pair_answer_logps(self.model, batch), self.loss_settings.ld_alpha)
         written = []
         for raw, chosen_logp, rejected_logp in zip(batch[RAW_KEY], chosen.tolist(), rejected.tolist()):
-            record = {**raw["record"], "extra_info": {**raw["record"].get("extra_info", {}),
+            record = {**raw["record"], "extra_info": {**extra_info(raw["record"]),
                                                       REFERENCE_KEY: {CHOSEN: chosen_logp, REJECTED: rejected_logp}}}
             written.append({"__key__": raw["key"], "json": json.dumps(record).encode(), **raw["media"]})
         return {SAMPLES: written, HANDLED: [raw["key"] for raw in batch[RAW_KEY]]}
@@ -89,4 +90,4 @@ class DPORecipe(RecipeBase):
         pairs = num_pairs(batch)
         self.log("val/loss", loss, batch_size=pairs, sync_dist=True, prog_bar=True)
         self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=pairs, sync_dist=True)
-        self.log("val/skipped_samples", batch[SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
+        self.log_val_skips(batch)

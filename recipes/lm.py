@@ -10,8 +10,8 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
+from tarsier_train.config.types import NonNegativeFloat, NonNegativeInt, PositiveInt
 from tarsier_train.data.collate import model_inputs
-from tarsier_train.data.stream import SKIPPED_KEY
 from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.eval.grounding import GroundingScore, score_grounding
@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 
 class LMRecipe(RecipeBase):
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, optimizer: OptimizerFactory,
-                 lr_schedule: SchedulerFactory, weight_decay: float = 0.01, max_new_tokens: int = 48,
-                 num_logged_examples: int = 2):
+                 lr_schedule: SchedulerFactory, weight_decay: NonNegativeFloat = 0.01, max_new_tokens: PositiveInt = 48,
+                 num_logged_examples: NonNegativeInt = 2):
         super().__init__(model, processor, optimizer, lr_schedule, weight_decay)
         self.max_new_tokens, self.num_logged_examples = max_new_tokens, num_logged_examples
         self._val_scores: dict[str, Any] = {}
         self._val_examples: list[str] = []
+        self._num_unscored_events = 0  # validation samples whose events no judge here can read
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # First: under FSDP2 every rank must gather the vision blocks in the same order, text-only or not.
@@ -58,11 +59,13 @@ class LMRecipe(RecipeBase):
     def on_validation_epoch_start(self) -> None:
         self._val_scores = {"events": EventScore(), "grounding": GroundingScore(), "order": TemporalOrderScore()}
         self._val_examples = []
+        self._num_unscored_events = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss_sum, num_tokens = self._loss(batch["train"])
         self.log("val/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
-        self.log("val/skipped_samples", batch["train"][SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
+        self.log_val_skips(batch["train"])
+        self._num_unscored_events += int(batch["unscored_events"])
         scores = self._val_scores
         for prompt, reference, target in zip(batch["generate"], batch["reference_events"], batch["reference_text"]):
             text = greedy_description(self.model, self.processor, prompt, self.max_new_tokens)
@@ -87,7 +90,15 @@ class LMRecipe(RecipeBase):
         if order.num_clips:  # clips with two or more events: are they told in the right order?
             self.log_dict({"val/order_pair_accuracy": order.pair_accuracy, "val/order_clip_accuracy": order.clip_accuracy},
                           rank_zero_only=True)
+        unscored = int(self.trainer.strategy.reduce(torch.tensor(self._num_unscored_events, device=self.device),
+                                                    reduce_op="sum"))
+        if unscored:
+            self.log("val/unscored_event_samples", float(unscored), rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            if unscored:
+                log.warning("%d validation samples carry extra_info.events the exact event judge cannot read (free "
+                            "text, e.g. DREAM-1K's): no event metric applies to them; score such data with the AutoDQ "
+                            "judge (tarsier_train.sampler.judges.AutoDQJudge)", unscored)
             for example in self._val_examples:
                 log.info("step %d val example: %s", self.global_step, example)
 

@@ -23,6 +23,8 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from datamodules.preference_sampling import CLEAN, CORRUPTED, PROVENANCE, RAW
 from recipes.writers import HANDLED, SAMPLES
+from tarsier_train.config.types import NonNegativeFloat, PositiveFloat, PositiveFraction, PositiveInt
+from tarsier_train.data.record_check import extra_info
 from tarsier_train.sampler import Judge, keep_pair
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,10 @@ RejectedFrom = Literal["corrupted", "worst"]
 
 
 class PreferenceSampler(L.LightningModule):
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, judge: Judge, min_gain: float = 0.3,
-                 max_pairs: int | None = None, max_new_tokens: int = 256, top_p: float = 0.7,
-                 temperature: float = 0.7, seed: int = 0, clean_samples: int = 1,
-                 rejected: RejectedFrom = "corrupted"):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, judge: Judge,
+                 min_gain: NonNegativeFloat = 0.3, max_pairs: PositiveInt | None = None,
+                 max_new_tokens: PositiveInt = 256, top_p: PositiveFraction = 0.7, temperature: PositiveFloat = 0.7,
+                 seed: int = 0, clean_samples: PositiveInt = 1, rejected: RejectedFrom = "corrupted"):
         super().__init__()
         if clean_samples < 1:
             raise ValueError(f"objective.clean_samples must be >= 1, got {clean_samples}")
@@ -100,7 +102,7 @@ class PreferenceSampler(L.LightningModule):
             {"role": "user", "content": [video, {"type": "text", "text": provenance["prompt"]}]},
             {"role": "assistant", "content": [{"type": "text", "text": chosen, "chosen": chosen, "rejected": rejected}]},
         ]
-        record["extra_info"] = {**record.get("extra_info", {}), "preference": {
+        record["extra_info"] = {**extra_info(record), "preference": {
             **provenance, "scores": scores, "min_gain": self.min_gain, "generation": self.generation,
             "clean_samples": self.clean_samples, "rejected_from": rejected_from}}
         return {"__key__": raw["key"], "json": json.dumps(record).encode(), **raw["media"]}

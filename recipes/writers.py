@@ -16,6 +16,8 @@ import lightning as L
 import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from tarsier_train.config.types import PositiveInt
+
 log = logging.getLogger(__name__)
 
 # What `predict_step` returns: the samples to write, and the keys of every input it handled (written or
@@ -42,7 +44,8 @@ class ShardWriter(BasePredictionWriter):
 
     output_label = "written data"  # train.py prints where each output went
 
-    def __init__(self, output_dir: str, splits: Sequence[str] = ("train", "val"), samples_per_shard: int = 1000):
+    def __init__(self, output_dir: str, splits: Sequence[str] = ("train", "val"),
+                 samples_per_shard: PositiveInt = 1000):
         super().__init__(write_interval="batch")
         self.output_dir, self.splits, self.samples_per_shard = Path(output_dir), list(splits), samples_per_shard
         self._open: dict[int, _OpenShard] = {}

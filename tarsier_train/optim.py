@@ -9,11 +9,13 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from tarsier_train.config.types import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFraction, PositiveInt
 from tarsier_train.models.controls import PARTS, VISION_BLOCKS, model_part, vision_depth
 
 
-def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float,
-                     lr_scale: Mapping[str, float] | None = None, vision_layer_decay: float = 1.0) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, lr: NonNegativeFloat, weight_decay: NonNegativeFloat,
+                     lr_scale: Mapping[str, NonNegativeFloat] | None = None,
+                     vision_layer_decay: PositiveFraction = 1.0) -> list[dict]:
     """Optimiser groups over the trainable parameters only, so frozen ones get no optimiser state.
 
     A parameter's lr is lr x lr_scale[its part] (vision, merger, llm; 1.0 when not given), and on the vision tower
@@ -39,15 +41,16 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float,
     return [groups[key] for key in sorted(groups)]
 
 
-def grouped_optimizer(model: torch.nn.Module, weight_decay: float, optimizer: Callable[..., torch.optim.Optimizer],
-                      lr: float, lr_scale: Mapping[str, float] | None = None,
-                      vision_layer_decay: float = 1.0) -> torch.optim.Optimizer:
+def grouped_optimizer(model: torch.nn.Module, weight_decay: NonNegativeFloat,
+                      optimizer: Callable[..., torch.optim.Optimizer], lr: NonNegativeFloat,
+                      lr_scale: Mapping[str, NonNegativeFloat] | None = None,
+                      vision_layer_decay: PositiveFraction = 1.0) -> torch.optim.Optimizer:
     """`optimizer` (a partial, e.g. AdamW with its betas) over parameter_groups of the model's trainable weights."""
     return optimizer(parameter_groups(model, lr, weight_decay, lr_scale, vision_layer_decay))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float = 0.0) -> LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: NonNegativeInt, total_steps: PositiveInt,
+                  min_lr_ratio: Fraction = 0.0) -> LambdaLR:
     """Linear warm-up from 0 to the peak over warmup_steps, then cosine down to min_lr_ratio x peak."""
 
     def factor(step: int) -> float:

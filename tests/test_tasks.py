@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tarsier_train.data.record_check import RecordError, check_record
 from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.tasks import DEFAULT_PROMPTS, Visual, render_task
@@ -76,8 +77,12 @@ def test_tracking_gives_the_first_box_and_asks_for_the_later_ones_interpolated()
     assert "in frame 2." in late.prompt and late.target == "frame 3: [0.30, 0.10, 0.50, 0.30]"
     with pytest.raises(ValueError, match="at least two sampled frames"):
         render_task(_tracking_sample(boxes), _frames(2), [12, 14], None)
-    with pytest.raises(ValueError, match="no extra_info.tracking.boxes"):
-        render_task(_tracking_sample({}), _frames(2), [0, 1], None)
+    # a record without boxes never reaches the template: the record check (the shard writer's too) refuses it
+    messages = [{"role": "user", "content": [{"type": "video", "video": {"video_file": "k1.mp4"}}]},
+                {"role": "assistant", "content": ""}]
+    for boxes in ({}, {"0": [0.0, 0.0, 0.2, 0.2]}, {"0": [0.0, 0.2], "5": [0.0, 0.0, 0.2, 0.2]}):
+        with pytest.raises(RecordError, match="bad_tracking: tracking needs extra_info.tracking.boxes"):
+            check_record({"messages": messages, **_tracking_sample(boxes).record})
 
 
 def test_video_tasks_refuse_samples_without_exactly_one_video():

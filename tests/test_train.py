@@ -140,39 +140,6 @@ def test_sweep_runs_each_job_in_its_own_directory_and_resumes_each(tmp_path, cac
         assert sum(map(sum, consumed)) == 2 * 4  # one step before the resume, one after: batch 4 each
 
 
-def _copy_with_corruption(source: list[str], target: Path, corrupt_key: str, how: str) -> None:
-    import webdataset as wds
-
-    with wds.TarWriter(str(target)) as sink:
-        for raw in wds.WebDataset(source, shardshuffle=False, nodesplitter=None, workersplitter=None):
-            sample = {"__key__": raw["__key__"], "json": raw["json"], "mp4": raw["mp4"]}
-            if raw["__key__"] == corrupt_key:
-                if how == "truncate_video":
-                    sample["mp4"] = raw["mp4"][: len(raw["mp4"]) // 4]
-                else:
-                    sample["json"] = b'{"messages": [broken'
-            sink.write(sample)
-
-
-def test_user_shards_with_corrupt_samples_train_and_count_them(tmp_path, cache_root):
-    toy = toyworld_shards(tmp_path / "toy", ToyWorldSpec(num_train_clips=6, num_val_clips=3, seed=11))
-    data = tmp_path / "data"
-    data.mkdir()
-    _copy_with_corruption(toy["train"], data / "train-000000.tar", "train_0000002", "truncate_video")
-    _copy_with_corruption(toy["val"], data / "val-000000.tar", "val_0000001", "break_json")
-    run_train(["recipe=sft", "data=shards", f"data.train_shards={data}/train-*.tar", f"data.val_shards={data}/val-*.tar",
-               "data.batch_size=4", "data.num_workers=0", "data.shuffle_block=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
-               "trainer.log_every_n_steps=1", "logger=csv"], cwd=tmp_path, cache_root=cache_root)
-    rows = list(csv.DictReader(open(tmp_path / "outputs" / "sft" / "logs" / "metrics.csv")))
-    train_skipped = [float(r["data/skipped_samples"]) for r in rows if r.get("data/skipped_samples")]
-    val_skipped = [float(r["val/skipped_samples"]) for r in rows if r.get("val/skipped_samples")]
-    # shard order 0,1,[2 corrupt],3,4,5: batch 1 = 0,1,3,4 (one skip), batch 2 = 5,0,1,3 (the next epoch's skip)
-    assert train_skipped == [1.0, 2.0]
-    assert val_skipped == [1.0]
-    log = (tmp_path / "outputs" / "sft" / "train.log").read_text()
-    assert "skipping sample train_0000002" in log and "skipping sample val_0000001" in log
-
-
 def test_any_local_hf_directory_is_a_model(tmp_path, cache_root, tiny_model_dir):
     args = [*SHORT, "model=qwen2_vl", f"model.path={tiny_model_dir}", "model.dtype=float32", "trainer.max_steps=1",
             "logger=csv"]

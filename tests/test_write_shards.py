@@ -80,13 +80,12 @@ VALID = {
     11: _record([_video("images/anim.gif")], task="dpo", chosen="Good.", rejected="Bad."),
 }
 BAD = {
-    12: ("{not json", "bad json"),
-    13: (json.dumps(_record([_video("clips/absent.mp4")])), "missing media"),
-    14: (json.dumps(_record([_video("clips/corrupt.mp4")])), "unreadable media"),
-    15: (json.dumps(_record([_video("notes/readme.txt")])), "unsupported media"),
-    16: (json.dumps({"dataset": "ds_a", "task": "video/caption", "pad": "x" * 600}), "missing messages"),
-    17: (json.dumps({"messages": [{"role": "user", "content": [{"type": "audio", "audio": {}}]}]}),
-         "unsupported media"),
+    12: ("{not json", "bad_json"),
+    13: (json.dumps(_record([_video("clips/absent.mp4")])), "missing_media"),
+    14: (json.dumps(_record([_video("clips/corrupt.mp4")])), "unreadable_media"),
+    15: (json.dumps(_record([_video("notes/readme.txt")])), "unsupported_media"),
+    16: (json.dumps({"dataset": "ds_a", "task": "video/caption", "pad": "x" * 600}), "bad_messages"),
+    17: (json.dumps(_record([{"type": "audio", "audio": {"audio_file": "a.wav"}}])), "unsupported_item"),
 }
 
 
@@ -170,8 +169,8 @@ def test_manifest_counts(written):
     assert manifest["per_dataset"] == {"ds_a": 6, "ds_b": 3, "ds_c": 1}
     assert manifest["per_task"] == {"dpo": 1, "image/caption": 2, "multi_image": 1, "text_only": 1, "video/caption": 5}
     assert manifest["num_rejected"] == len(BAD)
-    assert manifest["per_reject_reason"] == {"bad json": 1, "missing media": 1, "missing messages": 1,
-                                             "unreadable media": 1, "unsupported media": 2}
+    assert manifest["per_reject_reason"] == {"bad_json": 1, "bad_messages": 1, "missing_media": 1,
+                                             "unreadable_media": 1, "unsupported_item": 1, "unsupported_media": 1}
 
 
 def test_output_is_identical_across_worker_counts(written, records_path, media_root, tmp_path, capsys):
@@ -189,7 +188,7 @@ def test_exit_code_1_when_nothing_is_valid(media_root, tmp_path, capsys):
     output = tmp_path / "out"
     assert main(["--input", str(records), "--media-root", str(media_root), "--output", str(output)]) == 1
     printed = capsys.readouterr().out
-    assert "wrote 0 samples" in printed and "bad json: 1" in printed and "missing media: 1" in printed
+    assert "wrote 0 samples" in printed and "bad_json: 1" in printed and "missing_media: 1" in printed
     assert sorted(p.name for p in output.iterdir()) == ["manifest.json", "rejects.jsonl"]
     assert json.loads((output / "manifest.json").read_text())["num_rejected"] == 2
 
@@ -201,7 +200,7 @@ def test_runs_as_a_module_from_the_command_line(records_path, media_root, tmp_pa
                              "--shard-size-mb", "0.0001"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"wrote {len(VALID)} samples in {len(VALID)} shards" in result.stdout
-    assert "rejected 6 lines" in result.stdout and "unsupported media: 2" in result.stdout
+    assert "rejected 6 lines" in result.stdout and "unsupported_item: 1" in result.stdout
     assert len(list(output.glob("shard-*.tar"))) == len(VALID)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from tarsier_train.data.skips import SKIP_REASONS_KEY, SKIPPED_KEY, batch_skips
 from tarsier_train.data.step_batches import STEP_TOTALS_KEY
-from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
+from tarsier_train.data.stream import POSITION_KEY
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS
 
-
 NON_PAD_FRACTION_KEY = "non_pad_fraction"  # real tokens / token slots of a batch; the recipe logs it
-NOT_MODEL_INPUTS = ("labels", SKIPPED_KEY, TRUNCATED_KEY, NON_PAD_FRACTION_KEY, STEP_TOTALS_KEY)
+NOT_MODEL_INPUTS = ("labels", SKIPPED_KEY, SKIP_REASONS_KEY, TRUNCATED_KEY, NON_PAD_FRACTION_KEY, STEP_TOTALS_KEY)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ class VideoTextCollator:
             "attention_mask": pad_sequence([torch.ones_like(i) for i in input_ids], batch_first=True),
             "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
             "mm_token_type_ids": pad_sequence([s["mm_token_type_ids"] for s in samples], batch_first=True),
-            SKIPPED_KEY: torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples)),
+            **batch_skips(samples),
             NON_PAD_FRACTION_KEY: torch.tensor(sum(map(len, input_ids)) / (len(input_ids) * max(map(len, input_ids))),
                                                dtype=torch.float64),
             TRUNCATED_KEY: torch.tensor(sum(s.get(TRUNCATED_KEY, 0) for s in samples)),

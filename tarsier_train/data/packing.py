@@ -18,7 +18,8 @@ import torch
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig
 
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
-from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
+from tarsier_train.data.skips import batch_skips
+from tarsier_train.data.stream import POSITION_KEY
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS
 
 GRID_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")  # what get_rope_index reads
@@ -127,7 +128,7 @@ class PackingCollator:
                 batch[name] = torch.cat([s[name] for s in in_order if name in s])
         real = sum(len(s["input_ids"]) for s in samples)
         batch[NON_PAD_FRACTION_KEY] = torch.tensor(real / batch["input_ids"].numel(), dtype=torch.float64)
-        batch[SKIPPED_KEY] = torch.tensor(sum(s.get(SKIPPED_KEY, 0) for s in samples))
+        batch.update(batch_skips(samples))
         batch[TRUNCATED_KEY] = torch.tensor(sum(s.get(TRUNCATED_KEY, 0) for s in samples))
         if POSITION_KEY in samples[0]:
             batch[POSITION_KEY] = torch.tensor([s[POSITION_KEY] for s in samples])

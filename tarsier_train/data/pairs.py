@@ -13,8 +13,10 @@ import torch
 
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, VideoTextCollator
 from tarsier_train.data.packing import GRID_INPUTS, RopeIndex
+from tarsier_train.data.record_check import BAD_ANSWERS, RecordError, extra_info
 from tarsier_train.data.records import VideoTextSample
-from tarsier_train.data.stream import POSITION_KEY, SKIPPED_KEY
+from tarsier_train.data.skips import batch_skips
+from tarsier_train.data.stream import POSITION_KEY
 from tarsier_train.data.tasks import TaskInput
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS, VideoTextTransform
 from tarsier_train.losses.lm import num_target_tokens
@@ -38,13 +40,14 @@ def pair_answers(sample: VideoTextSample) -> tuple[str, str]:
     items = [item for item in sample.record["messages"][-1]["content"] if item.get("type") == "text"]
     answers = items[-1] if items else {}
     if not isinstance(answers.get(CHOSEN), str) or not isinstance(answers.get(REJECTED), str):
-        raise ValueError(f"{sample.key}: a preference record needs 'chosen' and 'rejected' strings on its answer")
+        raise RecordError(BAD_ANSWERS, f"{sample.key}: a preference record needs 'chosen' and 'rejected' strings on "
+                                       "its answer")
     return answers[CHOSEN], answers[REJECTED]
 
 
 def reference_logps(sample: VideoTextSample) -> tuple[float, float] | None:
     """Precomputed reference log-probs (extra_info.reference_logps = {chosen, rejected}), if the pair has them."""
-    stored = sample.record.get("extra_info", {}).get(REFERENCE_KEY)
+    stored = extra_info(sample.record).get(REFERENCE_KEY)
     return None if stored is None else (float(stored[CHOSEN]), float(stored[REJECTED]))
 
 
@@ -81,7 +84,7 @@ def _pair_bookkeeping(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     for name in VISUAL_INPUTS:
         if any(name in pair for pair in pairs):
             batch[name] = torch.cat([pair[name] for pair in pairs if name in pair])
-    batch[SKIPPED_KEY] = torch.tensor(sum(pair.get(SKIPPED_KEY, 0) for pair in pairs))
+    batch.update(batch_skips(pairs))
     if all(REFERENCE_KEY in pair for pair in pairs):
         batch[REFERENCE_KEY] = torch.tensor([pair[REFERENCE_KEY] for pair in pairs], dtype=torch.float64)
     elif any(REFERENCE_KEY in pair for pair in pairs):

@@ -6,8 +6,7 @@ import dataclasses
 from typing import Any
 
 from tarsier_train.data.chat_labels import TARGET_FLAG
-
-MEDIA_FILE_KEY = {"video": "video_file", "image": "image_file"}
+from tarsier_train.data.record_check import IMAGE_EXTENSIONS, MEDIA_FILE_KEY, VIDEO_EXTENSIONS, RecordError, check_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,55 +44,42 @@ class VideoTextSample:
         return videos[0] if videos else None
 
 
-def _text(key: str, message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValueError(f"{key}: a {message.get('role')} message's content must be a string or a list of items")
-    return " ".join(item["text"] for item in content if item.get("type") == "text")
+def _text(message: dict[str, Any]) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else " ".join(i["text"] for i in content if i["type"] == "text")
 
 
-def _media(key: str, message: dict[str, Any]) -> tuple[dict[str, Any], ...]:
-    content = message.get("content")
-    media = tuple(item for item in content if item.get("type") in MEDIA_FILE_KEY) if isinstance(content, list) else ()
-    for item in media:
-        if not isinstance(item.get(item["type"]), dict) or MEDIA_FILE_KEY[item["type"]] not in item[item["type"]]:
-            raise ValueError(f"{key}: {item['type']} item without '{item['type']}.{MEDIA_FILE_KEY[item['type']]}'")
-    return media
+def _media(message: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    content = message["content"]
+    return tuple(item for item in content if item["type"] in MEDIA_FILE_KEY) if isinstance(content, list) else ()
 
 
 def _trained(assistant: dict[str, Any]) -> bool:
     return assistant.get(TARGET_FLAG, True) is not False
 
 
-def canonical_sample(key: str, record: dict[str, Any], task: str | None = None) -> VideoTextSample:
+def canonical_sample(key: str, record: Any, task: str | None = None) -> VideoTextSample:
     """Read a record of the released Tarsier jsonl schema; `task` overrides the record's own. `messages` is an
     optional system message, then user and assistant turns in alternation, ending with the assistant's; every
-    assistant answer is a target unless its message says "loss": false (or it is empty)."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError(f"{key}: record needs 'messages', a list of user and assistant turns")
-    system = _text(key, messages[0]) if messages and messages[0].get("role") == "system" else None
+    assistant answer is a target unless its message says "loss": false (or it is empty). A record that is not
+    usable for the task raises `RecordError` (`check_record`: the same check the shard writer rejects with)."""
+    try:
+        check_record(record, task)
+    except RecordError as error:
+        raise RecordError(error.reason, f"{key}: {error.detail}") from None
+    messages = record["messages"]
+    system = _text(messages[0]) if messages[0].get("role") == "system" else None
     turns = messages[1:] if system is not None else messages
-    roles = [message.get("role") for message in turns]
-    if len(turns) < 2 or roles != ["user", "assistant"] * (len(turns) // 2):
-        raise ValueError(f"{key}: record needs user and assistant turns in alternation, ending with the assistant's "
-                         f"(after an optional system message), got roles {roles}")
     pairs = [(turns[i], turns[i + 1]) for i in range(0, len(turns), 2)]
-    history = tuple(Turn(_text(key, user), _text(key, assistant), len(_media(key, user)), _trained(assistant))
+    history = tuple(Turn(_text(user), _text(assistant), len(_media(user)), _trained(assistant))
                     for user, assistant in pairs[:-1])
     user, assistant = pairs[-1]
-    media = tuple(item for turn_user, _ in pairs for item in _media(key, turn_user))
+    media = tuple(item for turn_user, _ in pairs for item in _media(turn_user))
     retasked = task is not None and task != record.get("task")
     if retasked:
         record = {**record, "task": task}
-    return VideoTextSample(key, _text(key, user), _text(key, assistant), media, record, retasked, history, system,
+    return VideoTextSample(key, _text(user), _text(assistant), media, record, retasked, history, system,
                            _trained(assistant))
-
-
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "gif")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
 
 def media_members(members: dict[str, Any]) -> dict[str, bytes]:
@@ -118,4 +104,5 @@ def _member_bytes(sample: VideoTextSample, item: dict[str, Any], members: dict[s
     if len(sample.media) == 1 and len(candidates) == 1:
         return members[candidates[0]]
     present = sorted(k for k in members if not k.startswith("__"))
-    raise ValueError(f"{sample.key}: no shard member for {item['type']} file {name!r} (members: {present})")
+    raise RecordError("missing_member", f"{sample.key}: no shard member for {item['type']} file {name!r} "
+                                        f"(members: {present})")

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tarsier_train.data.record_check import BAD_FRAME_SELECTION, RecordError
+
 SamplingMode = Literal["uniform", "segment", "fps"]
 
 
@@ -66,14 +68,15 @@ def record_frame_window(video_item: dict[str, Any], num_total: int, video_fps: f
         end = int(round(float(video_item["end_time"]) * video_fps)) if video_item.get("end_time") is not None else num_total
     start, end = max(0, start), min(num_total, end)
     if end <= start:
-        raise ValueError(f"video item selects no frames (start={start}, end={end}, video has {num_total})")
+        raise RecordError(BAD_FRAME_SELECTION, f"video item selects no frames (start={start}, end={end}, video has "
+                                               f"{num_total})")
     return FrameWindow(start, end)
 
 
 def _checked(indices: list[int], num_total: int) -> list[int]:
     bad = [i for i in indices if not 0 <= int(i) < num_total]
     if bad:
-        raise ValueError(f"frame indices {bad[:5]} outside a video of {num_total} frames")
+        raise RecordError(BAD_FRAME_SELECTION, f"frame indices {bad[:5]} outside a video of {num_total} frames")
     return [int(i) for i in indices]
 
 
@@ -84,7 +87,7 @@ class FrameSampler:
     mode: SamplingMode = "uniform"
     num_frames: int | tuple[int, ...] = 8  # a tuple: one drawn per sample in training, the largest in evaluation
     target_fps: float = 2.0  # mode="fps"
-    max_n_frames: int = 128  # mode="fps"
+    max_n_frames: int = 128  # mode="fps", and the cap on a record's explicit frame list
 
     def __post_init__(self) -> None:
         if self.mode not in ("uniform", "segment", "fps"):
@@ -95,7 +98,7 @@ class FrameSampler:
         """rng is the sample's own generator in training, None in evaluation (deterministic choices)."""
         window = record_frame_window(video_item, num_total, video_fps)
         if window.explicit is not None:
-            return list(window.explicit)
+            return self._capped(list(window.explicit))
         length = window.end - window.start
         if self.mode == "fps":
             local = fps_frame_indices(length, video_fps, self.target_fps, self.max_n_frames)
@@ -109,6 +112,13 @@ class FrameSampler:
     def draws_at_random(self) -> bool:
         """Whether training (rng given) may see other frames than evaluation."""
         return self.mode == "segment" or not isinstance(self.num_frames, int)
+
+    def _capped(self, explicit: list[int]) -> list[int]:
+        """A record's frame list, thinned uniformly (in its order, first and last kept) to max_n_frames, so
+        that no record makes one sample decode and feed an unbounded number of frames."""
+        if len(explicit) <= self.max_n_frames:
+            return explicit
+        return [explicit[i] for i in uniform_frame_indices(len(explicit), self.max_n_frames)]
 
     def _count(self, rng: np.random.Generator | None) -> int:
         if isinstance(self.num_frames, int):

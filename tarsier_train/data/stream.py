@@ -18,15 +18,12 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tarsier_train.data.record_check import RecordError, parse_record
 from tarsier_train.data.schedule import Schedule, ShardRange
-from tarsier_train.data.transform import SampleTooLongError
-from tarsier_train.data.video import VideoDecodeError
+from tarsier_train.data.skips import SKIP_REASONS_KEY, SkipBudget, SkipCounter, skip_reason
 
 log = logging.getLogger(__name__)
 
-# What a sample can fail with and still leave the run going: counted, logged, skipped.
-SKIPPABLE = (VideoDecodeError, SampleTooLongError, ValueError, KeyError, json.JSONDecodeError)
-SKIPPED_KEY = "num_skipped"
 # (key, record, the WebDataset sample's members, the sample's random generator in training / None in
 # evaluation) -> transformed sample
 MakeSample = Callable[[str, dict, dict, "np.random.Generator | None"], dict[str, Any]]
@@ -56,6 +53,12 @@ def _worker_and_count() -> tuple[int, int]:
     return (worker.id, worker.num_workers) if worker else (0, 1)
 
 
+class ShardReadError(RuntimeError):
+    """A shard that cannot be read (further): the samples it still owes are skipped with this reason."""
+
+    reason = "unreadable_shard"
+
+
 def _raw_samples(shards: list[str]) -> Iterator[dict[str, Any] | Exception]:
     """Samples of the shards in the given order; a broken shard yields its error once and is left."""
     for shard in shards:
@@ -63,19 +66,26 @@ def _raw_samples(shards: list[str]) -> Iterator[dict[str, Any] | Exception]:
         try:
             yield from dataset
         except (tarfile.TarError, OSError, ValueError) as error:
-            yield RuntimeError(f"shard {shard} is unreadable after this point: {error}")
+            yield ShardReadError(f"shard {shard} is unreadable after this point: {error}")
 
 
 def _transformed(make_sample: MakeSample, key: str, raw: dict[str, Any] | Exception,
-                 rng: np.random.Generator | None) -> dict[str, Any] | None:
-    """The transformed sample, or None (logged with its key and reason) when it cannot be used."""
+                 rng: np.random.Generator | None, skips: SkipCounter) -> dict[str, Any] | None:
+    """The transformed sample, or None when it cannot be used: whatever it raised (a bad record, an undecodable video,
+    a bug in a task template) costs this sample only, logged with its key and counted by reason."""
     try:
         if isinstance(raw, Exception):
             raise raw
-        return make_sample(key, json.loads(raw["json"]), raw, rng)
-    except (*SKIPPABLE, RuntimeError) as error:
-        log.warning("skipping sample %s: %s", key, error)
+        if "json" not in raw:
+            raise RecordError("no_record", f"the shard sample has no json member (members: {sorted(raw)})")
+        sample = make_sample(key, parse_record(raw["json"]), raw, rng)
+    except Exception as error:  # noqa: BLE001 - see the docstring: one sample must never take the run down
+        reason = skip_reason(error)
+        log.warning("skipping sample %s (%s): %s", key, reason, error)
+        skips.add(reason)
         return None
+    skips.add(None)
+    return sample
 
 
 def shard_sample_counts(shards: list[str]) -> list[int]:
@@ -115,6 +125,7 @@ class Source:
     shards: list[str]
     make_sample: MakeSample
     weight: float = 1.0
+    name: str = ""  # how errors name it (its shards as configured); "": its first shard
 
 
 @dataclasses.dataclass
@@ -132,12 +143,14 @@ class VideoTextStream(_RankedStream):
     `Schedule` gives. A consumer draws the source of its k-th sample from a generator seeded by
     (seed, consumer, k), so proportions hold and the draws replay exactly after a resume."""
 
-    def __init__(self, sources: list[Source], seed: int = 0, shuffle: bool = True, shuffle_block: int = 256):
+    def __init__(self, sources: list[Source], seed: int = 0, shuffle: bool = True, shuffle_block: int = 256,
+                 skip_budget: SkipBudget = SkipBudget()):
         if not sources or any(not source.shards for source in sources):
             raise FileNotFoundError("every data source needs at least one shard")
         if any(source.weight <= 0 for source in sources):
             raise ValueError(f"source weights must be positive, got {[source.weight for source in sources]}")
         self.sources, self.seed, self.shuffle, self.shuffle_block = list(sources), seed, shuffle, shuffle_block
+        self.skip_budget = skip_budget
         self.shard_sizes = [shard_sample_counts(source.shards) for source in sources]
         total = sum(source.weight for source in sources)
         self.probabilities = [source.weight / total for source in sources]
@@ -168,19 +181,20 @@ class VideoTextStream(_RankedStream):
         consumer = rank * num_workers + (worker + plan.rotation) % num_workers
         readers = [self._source_items(source, plan.schedules[source], consumer, plan.num_consumed[source][consumer])
                    for source in range(len(self.sources))]
-        slot, skipped = plan.num_slots[consumer], 0
+        skips = [SkipCounter(f"{index} ({source.name or source.shards[0]})", self.skip_budget)
+                 for index, source in enumerate(self.sources)]
+        slot = plan.num_slots[consumer]
         while True:
             source = self._draw_source(consumer, slot)
             slot += 1
             for position, key, raw, epoch in readers[source]:
                 # Seeded by epoch and key: a resumed or re-dealt sample sees the same frames it would have.
                 rng = np.random.default_rng([_SAMPLE_RNG, self.seed, source, epoch, zlib.crc32(key.encode())])
-                sample = _transformed(self.sources[source].make_sample, key, raw, rng)
+                sample = _transformed(self.sources[source].make_sample, key, raw, rng, skips[source])
                 if sample is None:
-                    skipped += 1
                     continue
-                sample[SKIPPED_KEY], sample[POSITION_KEY] = skipped, (source, consumer, position, slot)
-                skipped = 0
+                sample[SKIP_REASONS_KEY], sample[POSITION_KEY] = skips[source].take_pending(), (source, consumer,
+                                                                                               position, slot)
                 yield sample
                 break
 
@@ -226,31 +240,31 @@ class EvalStream(_RankedStream):
     """Every sample of the shards once, in order; sample i goes to consumer i % (ranks x workers). Keys in
     `done_keys` (handled by an interrupted earlier run of a data-writing recipe) are passed over."""
 
-    def __init__(self, shards: list[str], make_sample: MakeSample, done_keys: frozenset[str] = frozenset()):
+    def __init__(self, shards: list[str], make_sample: MakeSample, done_keys: frozenset[str] = frozenset(),
+                 skip_budget: SkipBudget = SkipBudget(), name: str = ""):
         if not shards:
             raise FileNotFoundError("no shards given to the stream")
         self.shards, self.make_sample, self.done_keys = list(shards), make_sample, done_keys
+        self.skip_budget, self.name = skip_budget, name or self.shards[0]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = self.rank_and_world()
         worker, num_workers = _worker_and_count()
         consumer, num_consumers = rank * num_workers + worker, world * num_workers
-        skipped = 0
+        skips = SkipCounter(self.name, self.skip_budget)
         for index, raw in enumerate(_raw_samples(self.shards)):
             if index % num_consumers != consumer:
                 continue
             key = raw["__key__"] if isinstance(raw, dict) else f"sample {index}"
             if key in self.done_keys:
                 continue
-            sample = _transformed(self.make_sample, key, raw, None)
-            if sample is None:
-                skipped += 1
-                continue
-            sample[SKIPPED_KEY] = skipped
-            skipped = 0
-            yield sample
-        if skipped:
-            log.warning("%d samples skipped at the end of the evaluation shards", skipped)
+            sample = _transformed(self.make_sample, key, raw, None, skips)
+            if sample is not None:
+                sample[SKIP_REASONS_KEY] = skips.take_pending()
+                yield sample
+        if skips.reasons:
+            log.warning("%s: %d of %d samples skipped (%s)", self.name, skips.reasons.total(), skips.num_read,
+                        ", ".join(f"{reason} {count}" for reason, count in skips.reasons.most_common()))
 
 
 class StreamProgress:

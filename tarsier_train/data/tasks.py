@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tarsier_train.data.record_check import RecordError, extra_info
 from tarsier_train.data.records import Turn, VideoTextSample
 
 DEFAULT_PROMPTS = {
@@ -64,12 +65,12 @@ def grounding(sample: VideoTextSample, visuals: tuple[Visual, ...], indices: Seq
     """Each event of extra_info.events ({start, end, text}: video frame span) tagged with the 1-based
     positions of the sampled frames inside it; an event no sampled frame shows is left out."""
     parts = []
-    for event in sample.record.get("extra_info", {}).get("events", []):
+    for event in extra_info(sample.record).get("events") or []:
         seen = [i + 1 for i, frame in enumerate(indices) if event["start"] <= frame <= event["end"]]
         if seen:
             parts.append(f"<frame: {seen[0]}-{seen[-1]}> {event['text']}")
     if not parts:
-        raise ValueError(f"{sample.key}: grounding record has no event inside the sampled frames")
+        raise RecordError("no_event_in_frames", f"{sample.key}: grounding record has no event inside the sampled frames")
     return TaskInput(sample.key, _own_prompt(sample) or DEFAULT_PROMPTS["video/grounding"], " ".join(parts), visuals)
 
 
@@ -93,13 +94,12 @@ def tracking(sample: VideoTextSample, visuals: tuple[Visual, ...], indices: Sequ
     later ones are the answer. extra_info.tracking = {object, boxes: {video frame: [x1, y1, x2, y2]}},
     normalised to [0, 1]; boxes of sampled frames between annotated ones are interpolated linearly."""
     _one_video(sample, visuals)
-    track = sample.record.get("extra_info", {}).get("tracking") or {}
-    if not track.get("boxes"):
-        raise ValueError(f"{sample.key}: tracking record has no extra_info.tracking.boxes")
+    track = extra_info(sample.record)["tracking"]  # check_record: boxes for two frames or more
     boxes = [(position + 1, box) for position, box in enumerate(_boxes_at(track["boxes"], indices))
              if box is not None]
     if len(boxes) < 2:
-        raise ValueError(f"{sample.key}: tracking needs boxes in at least two sampled frames, got {len(boxes)}")
+        raise RecordError("no_boxes_in_frames", f"{sample.key}: tracking needs boxes in at least two sampled frames, "
+                                                "got {len(boxes)}")
     (first, first_box), later = boxes[0], boxes[1:]
     prompt = _own_prompt(sample) or DEFAULT_PROMPTS["video/tracking"].format(
         object=track.get("object", "The object").capitalize(), box=_box_text(first_box), first=first)

@@ -16,7 +16,8 @@ from tarsier_train.data.chat_labels import OFFSET_KWARGS, TARGET_FLAG, check_tem
 from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.tasks import TaskInput, Visual, render_task
-from tarsier_train.data.video import VideoBackendName, check_backend, decode_image, read_frames, seconds_between
+from tarsier_train.data.video import (ChooseFrames, VideoBackendName, check_backend, decode_image, decode_pixel_budget,
+                                      read_frames, seconds_between)
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -77,12 +78,16 @@ class VideoTextTransform:
             if item["type"] == "image":
                 visuals.append(Visual("image", decode_image(data)))
                 continue
-            frames, indices, fps = read_frames(
-                data, lambda num_frames, fps: self.sampler.indices(item["video"], num_frames, fps, rng),
-                self.video_backend, self.decode_timeout_s,
-            )
+            frames, indices, fps = self.read_video(
+                data, lambda num_frames, fps: self.sampler.indices(item["video"], num_frames, fps, rng))
             visuals.append(Visual("video", frames, seconds_between(indices, fps)))
         return render_task(sample, tuple(visuals), indices, rng)
+
+    def read_video(self, data: bytes, choose: ChooseFrames) -> tuple[np.ndarray, list[int], float]:
+        """The chosen frames of a video (`read_frames`), with this transform's backend and time limit, scaled down
+        while decoded to what the processor will keep at most (its per-frame maximum; total_pixels only lowers it)."""
+        max_pixels = decode_pixel_budget(self.max_pixels or self.processor.video_processor.size["longest_edge"])
+        return read_frames(data, choose, self.video_backend, self.decode_timeout_s, max_pixels=max_pixels)
 
     def processor_frames(self, frames: np.ndarray) -> np.ndarray:
         """Frames as the ViT takes them: each duplicated (Tarsier2), or paired with an even count (native)."""

@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from tarsier_train.data.record_check import extra_info
 from tarsier_train.toyworld.world import ACTIONS, COLOURS, SHAPES
 
 _EVENT = re.compile(
@@ -17,9 +18,22 @@ EventKey = tuple[str, str, str]
 
 
 def reference_events(record: dict) -> list[EventKey] | None:
-    """The exact ground-truth events a toy-world record carries, or None for records without them."""
-    events = record.get("extra_info", {}).get("events")
-    return [(e["colour"], e["shape"], e["action"]) for e in events] if events else None
+    """The exact ground-truth events of a record's extra_info.events: {colour, shape, action} objects (the toy
+    world's), or strings / {start, end, text} objects whose text names one toy-world event each. None when the record
+    has no events or this exact judge cannot read them (DREAM-1K's free-text events: an LLM judge's job, AutoDQ)."""
+    events = extra_info(record).get("events")
+    if not isinstance(events, list) or not events:
+        return None
+    keys = [_event_key(event) for event in events]
+    return None if None in keys else keys  # type: ignore[return-value]
+
+
+def _event_key(event: object) -> EventKey | None:
+    if isinstance(event, dict) and all(isinstance(event.get(part), str) for part in ("colour", "shape", "action")):
+        return event["colour"], event["shape"], event["action"]
+    text = event.get("text") if isinstance(event, dict) else event
+    parsed = parse_events(text) if isinstance(text, str) else []
+    return parsed[0] if len(parsed) == 1 else None
 
 
 def parse_events(text: str) -> list[EventKey | None]:

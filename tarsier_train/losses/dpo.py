@@ -14,6 +14,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from tarsier_train.config.types import Fraction, FractionBelowOne, NonEmptyList, PositiveFloat
 from tarsier_train.data.transform import IGNORE_INDEX
 
 DPOLossType = Literal[
@@ -32,14 +33,14 @@ LABEL_SMOOTHING_LOSS_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
 class DPOLossSettings:
     """The loss part of TRL's `DPOConfig`, same names and defaults (Tarsier2 uses sigmoid, beta 0.1)."""
 
-    beta: float = 0.1
-    loss_type: str | list[str] = "sigmoid"
+    beta: PositiveFloat = 0.1
+    loss_type: DPOLossType | NonEmptyList[DPOLossType] = "sigmoid"
     loss_weights: list[float] | None = None
-    label_smoothing: float = 0.0
-    ld_alpha: float | None = None
-    f_divergence_type: str = "reverse_kl"
+    label_smoothing: FractionBelowOne = 0.0
+    ld_alpha: Fraction | None = None
+    f_divergence_type: FDivergenceType = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
-    discopop_tau: float = 0.05
+    discopop_tau: PositiveFloat = 0.05
 
     def __post_init__(self) -> None:
         # Like DPOConfig: one loss type or a list; Hydra hands lists over as ListConfig

@@ -20,6 +20,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from tarsier_train.config.types import PositiveInt
 from tarsier_train.toyworld.describe import DESCRIBE_PROMPT
 from tarsier_train.toyworld.world import ACTIONS, COLOURS, SHAPES
 
@@ -121,15 +122,15 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 def tiny_qwen2_vl_dir(
     cache_dir: str,
-    text_hidden_size: int = 128,
-    text_layers: int = 4,
-    text_heads: int = 4,
-    vision_depth: int = 2,
-    vision_embed_dim: int = 64,
-    vision_heads: int = 4,
-    vocab_size: int = 512,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 112 * 112,
+    text_hidden_size: PositiveInt = 128,
+    text_layers: PositiveInt = 4,
+    text_heads: PositiveInt = 4,
+    vision_depth: PositiveInt = 2,
+    vision_embed_dim: PositiveInt = 64,
+    vision_heads: PositiveInt = 4,
+    vocab_size: PositiveInt = 512,
+    min_pixels: PositiveInt = 56 * 56,
+    max_pixels: PositiveInt = 112 * 112,
     seed: int = 0,
 ) -> str:
     """Path of a saved tiny Qwen2-VL (model + processor); built on first use, reused afterwards."""

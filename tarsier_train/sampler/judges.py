@@ -15,6 +15,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from tarsier_train.config.types import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from tarsier_train.data.record_check import extra_info
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.eval.event_f1 import EventScore, reference_events, score_description
 
@@ -113,9 +115,9 @@ class AutoDQJudge:
     stored; without it no Authorization header is sent (local servers). 5xx, 429, timeouts, refused
     connections and unparseable answers are retried `max_retries` times with exponential backoff."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
-                 max_retries: int = 3, backoff_s: float = 1.0, temperature: float = 0.0,
-                 cache_size: int = 1024) -> None:
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 timeout_s: PositiveFloat = 60.0, max_retries: NonNegativeInt = 3, backoff_s: NonNegativeFloat = 1.0,
+                 temperature: NonNegativeFloat = 0.0, cache_size: NonNegativeInt = 1024) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"AutoDQJudge base_url must start with http:// or https://, got {base_url!r}")
         if max_retries < 0 or timeout_s <= 0:
@@ -148,7 +150,7 @@ class AutoDQJudge:
         return self._ask_json(prompt, validate=lambda answer: _verdicts(answer, len(events)))
 
     def _reference_events(self, reference: str, record: dict[str, Any]) -> tuple[str, ...]:
-        given = record.get("extra_info", {}).get("events")
+        given = extra_info(record).get("events")
         if given:  # Tarsier's evaluator uses annotated events when a record has them
             return tuple(e if isinstance(e, str) else e["text"] for e in given)
         if reference not in self._reference_cache:
