@@ -71,6 +71,8 @@ FAULTS: dict[str, tuple[Mutation, str | None]] = {
     "bad_json": (_json_bytes(b'{"messages": [broken'), "bad_json"),
     "json_list": (_json_bytes(b'[{"messages": []}]'), "not_an_object"),
     "no_json": (lambda record, members: members.update(json=None), "no_record"),
+    "tarsier1_form": (_json_bytes(b'{"text": {"prompt": "<video>Describe.", "response": "A cat."}}'),
+                      "bad_messages"),
     "content_number": (lambda record, members: _user(record).update(content=5), "bad_content"),
     "assistant_first": (lambda record, members: record["messages"].reverse(), "bad_roles"),
     "extra_info_string": (_set("extra_info", "n/a"), "bad_extra_info"),
@@ -130,6 +132,7 @@ def _make(transform: VideoTextTransform):
 
 def test_each_fault_is_skipped_with_its_reason_and_valid_forms_train(toy, processor, tmp_path, caplog):
     faults = list(FAULTS)
+    assert len(faults) <= len(toy["train"])
     samples = [_faulty({**sample, "__key__": fault}, fault) for sample, fault in zip(toy["train"], faults)]
     shard = _write_shard(tmp_path / "faults-000000.tar", samples)
     transform = VideoTextTransform(processor, FrameSampler(num_frames=4))

@@ -71,7 +71,9 @@ def check_record(record: Any, task: str | None = None) -> None:
         raise RecordError(BAD_TASK, f"'task' is {record['task']!r}, not a string")
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise RecordError(BAD_MESSAGES, "the record needs 'messages', a list of message objects")
+        older = " (this is Tarsier1's older {text: {prompt, response}} form: rewrite it as messages)" \
+            if isinstance(record.get("text"), dict) and "prompt" in record["text"] else ""
+        raise RecordError(BAD_MESSAGES, f"the record needs 'messages', a list of message objects{older}")
     _check_roles(messages)
     media = [item for index, message in enumerate(messages) for item in _content_media(index, message)]
     if record.get("extra_info") is not None and not isinstance(record["extra_info"], dict):
