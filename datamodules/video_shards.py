@@ -126,12 +126,13 @@ class VideoShardDataModule(L.LightningDataModule):
     def make_val_sample(self, key: str, record: dict, members: dict, rng: np.random.Generator | None) -> dict[str, Any]:
         sample = canonical_sample(key, record, self.task)
         task_input = self.transform.prepare(sample, media_bytes(sample, members), rng)
+        events = reference_events(record)
         return {
             "train": self.transform.training_inputs(task_input),
             "generate": self.transform.generation_inputs(task_input),
-            "reference_events": reference_events(record),
+            "reference_events": events,
             # events the exact judge cannot read (free text): validation reports them rather than dropping them
-            "unscored_events": bool(extra_info(record).get("events")) and reference_events(record) is None,
+            "unscored_events": bool(extra_info(record).get("events")) and events is None,
             "reference_text": task_input.target,
         }
 

@@ -92,7 +92,8 @@ class RecipeBase(L.LightningModule):
                         ", ".join(f"{reason} {count}" for reason, count in self._skip_reasons.most_common()))
 
     def log_val_skips(self, batch: dict[str, Any]) -> None:
-        """Skipped validation samples, in all and by reason (summed over the epoch and the ranks)."""
+        """Skipped validation samples, summed over the epoch and the ranks (by reason: the eval stream's log line; the
+        reasons differ between ranks, and a synced metric needs the same keys on all of them)."""
         self.log("val/skipped_samples", batch[SKIPPED_KEY].float(), reduce_fx="sum", sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

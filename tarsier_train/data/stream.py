@@ -193,8 +193,8 @@ class VideoTextStream(_RankedStream):
                 sample = _transformed(self.sources[source].make_sample, key, raw, rng, skips[source])
                 if sample is None:
                     continue
-                sample[SKIP_REASONS_KEY], sample[POSITION_KEY] = skips[source].take_pending(), (source, consumer,
-                                                                                               position, slot)
+                sample[SKIP_REASONS_KEY] = skips[source].take_pending()
+                sample[POSITION_KEY] = (source, consumer, position, slot)
                 yield sample
                 break
 
