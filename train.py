@@ -14,7 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from recipes.callbacks import AtomicCheckpointIO
 from recipes.loggers import close_loggers, logger_location
 from tarsier_train.checkpoint import find_latest_checkpoint, resolve_resume
+from tarsier_train.checkpoint.run_lock import claim_run_dir
 from tarsier_train.config import redact, validate_config
+from tarsier_train.config.validate import redact_hydra_dumps
 from tarsier_train.models import load_processor, local_model_dir
 from tarsier_train.models.controls import build_model
 
@@ -31,7 +33,9 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    redact_hydra_dumps(run_dir, HydraConfig.get().output_subdir)  # first: Hydra's own copies keep command-line keys
     validate_config(cfg)
+    claim_run_dir(run_dir)  # before any compute: a second live run into this directory fails here
     ckpt_path = resolve_resume(cfg.resume, run_dir)
     resolved = save_resolved_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)

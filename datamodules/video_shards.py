@@ -22,9 +22,10 @@ from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
 from tarsier_train.data.skips import SKIP_REASONS_KEY, SkipBudget
 from tarsier_train.data.step_batches import StepLookahead
-from tarsier_train.data.stream import POSITION_KEY, EvalStream, Source, StreamProgress, VideoTextStream
+from tarsier_train.data.stream import (PADDING_KEY, POSITION_KEY, EvalStream, Source, StreamProgress, VideoTextStream,
+                                       is_padding)
 from tarsier_train.data.tasks import TASK_NAMES
-from tarsier_train.data.transform import VideoTextTransform
+from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
 from tarsier_train.data.video import VideoBackendName
 from tarsier_train.eval.event_f1 import reference_events
 
@@ -62,6 +63,17 @@ def _packing_collator(processor: ProcessorMixin, model_dir: str | None, max_toke
         raise ValueError("data.packing=true needs the model directory (train.py passes it) for M-RoPE positions")
     return PackingCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(model_dir), max_tokens_per_row,
                            single_row=attn_implementation == "flash_attention_2")
+
+
+def _loss_inputs(sample: dict[str, Any]) -> dict[str, Any]:
+    """A validation sample's loss row with its skip count; a padding row has no target token, so no loss."""
+    train = {**sample["train"], SKIP_REASONS_KEY: sample[SKIP_REASONS_KEY]}
+    return {**train, "labels": torch.full_like(train["labels"], IGNORE_INDEX)} if is_padding(sample) else train
+
+
+def _with_padding_flags(collate: Any, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`collate`'s batch plus PADDING_KEY: which of its rows only keep this rank in step (`EvalStream(pad=True)`)."""
+    return {**collate(samples), PADDING_KEY: torch.tensor([is_padding(s) for s in samples])}
 
 
 class VideoShardDataModule(L.LightningDataModule):
@@ -138,10 +150,10 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def collate_val(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return {  # the skip count rides on the loss batch, as in training
-            "train": self.collator([{**s["train"], SKIP_REASONS_KEY: s[SKIP_REASONS_KEY]} for s in samples]),
+            "train": self.collator([_loss_inputs(s) for s in samples]),
             "generate": [s["generate"] for s in samples],
             "reference_events": [s["reference_events"] for s in samples],
-            "unscored_events": torch.tensor(sum(s["unscored_events"] for s in samples)),
+            "unscored_events": torch.tensor(sum(s["unscored_events"] for s in samples if not is_padding(s))),
             "reference_text": [s["reference_text"] for s in samples],
         }
 
@@ -154,11 +166,13 @@ class VideoShardDataModule(L.LightningDataModule):
                              self.trainer.lightning_module.loss_normalisers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._eval_stream(self.val_shards, self.make_val_sample), self.collate_val)
+        """Padded so every rank runs the same batches (see `EvalStream`); each batch says which rows are padding."""
+        stream = self._eval_stream(self.val_shards, self.make_val_sample, pad=self.trainer.world_size > 1)
+        return self._loader(stream, functools.partial(_with_padding_flags, self.collate_val))
 
-    def _eval_stream(self, shards: str | list[str], make_sample: Any,
-                     done_keys: frozenset[str] = frozenset()) -> EvalStream:
-        return EvalStream(expand_shards(shards), make_sample, done_keys, self.skip_budget, str(shards))
+    def _eval_stream(self, shards: str | list[str], make_sample: Any, done_keys: frozenset[str] = frozenset(),
+                     pad: bool = False) -> EvalStream:
+        return EvalStream(expand_shards(shards), make_sample, done_keys, self.skip_budget, str(shards), pad)
 
     def split_loaders(self, make_sample: Any, collate: Any) -> list[DataLoader]:
         """For recipes that write data: every train sample once, then every val sample once (the writer's splits),

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from recipes.strategies import FSDP2Strategy
+from tarsier_train.checkpoint.atomic import replace_atomically
 from tarsier_train.checkpoint.export import export_full_state_dict, export_hf
 from tarsier_train.config.types import PositiveInt
 from tarsier_train.models.load import MODEL_DTYPES, ModelDtype
@@ -21,16 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary name, fsync, then rename: a crash mid-save leaves the old checkpoints valid."""
+    """A single-file checkpoint written beside its final name, fsynced and renamed (replace_atomically): a crash
+    mid-save leaves the old checkpoints valid. Lightning's own save stages the file in $TMPDIR (fsspec), which may
+    be too small for a checkpoint and is on another filesystem; only remote paths still go that way."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        replace_atomically(Path(path), lambda handle: torch.save(checkpoint, handle))
 
 
 class StepCheckpoint(ModelCheckpoint):

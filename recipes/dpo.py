@@ -16,6 +16,7 @@ from recipes.writers import HANDLED, SAMPLES
 from tarsier_train.config.types import NonNegativeFloat
 from tarsier_train.data.pairs import CHOSEN, RAW_KEY, REFERENCE_KEY, REJECTED, num_chosen_tokens, num_pairs
 from tarsier_train.data.record_check import extra_info
+from tarsier_train.data.stream import PADDING_KEY
 from tarsier_train.losses.dpo import DPOLossSettings, DPONormalisers, dpo_loss, pair_logps
 from tarsier_train.models.shared_media import pair_answer_logps
 from tarsier_train.models.vision import text_only_vision_term
@@ -86,8 +87,11 @@ class DPORecipe(RecipeBase):
         return {SAMPLES: written, HANDLED: [raw["key"] for raw in batch[RAW_KEY]]}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Padding pairs (`EvalStream(pad=True)`) only keep this rank's forwards in step with the others: weight 0. A
+        # batch mixing both still averages its padding copies into the logged value (the loss is per batch).
+        padding = batch.pop(PADDING_KEY)
         loss, metrics = self.pair_loss(batch)
-        pairs = num_pairs(batch)
+        pairs = int((~padding).sum())
         self.log("val/loss", loss, batch_size=pairs, sync_dist=True, prog_bar=True)
         self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=pairs, sync_dist=True)
         self.log_val_skips(batch)

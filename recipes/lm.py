@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
 from tarsier_train.config.types import NonNegativeFloat, NonNegativeInt, PositiveInt
 from tarsier_train.data.collate import model_inputs
+from tarsier_train.data.stream import PADDING_KEY
 from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
 from tarsier_train.eval.grounding import GroundingScore, score_grounding
@@ -31,6 +32,7 @@ class LMRecipe(RecipeBase):
         self._val_scores: dict[str, Any] = {}
         self._val_examples: list[str] = []
         self._num_unscored_events = 0  # validation samples whose events no judge here can read
+        self._num_val_clips = 0  # described and scored (padding rows excluded)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # First: under FSDP2 every rank must gather the vision blocks in the same order, text-only or not.
@@ -60,6 +62,7 @@ class LMRecipe(RecipeBase):
         self._val_scores = {"events": EventScore(), "grounding": GroundingScore(), "order": TemporalOrderScore()}
         self._val_examples = []
         self._num_unscored_events = 0
+        self._num_val_clips = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss_sum, num_tokens = self._loss(batch["train"])
@@ -67,8 +70,13 @@ class LMRecipe(RecipeBase):
         self.log_val_skips(batch["train"])
         self._num_unscored_events += int(batch["unscored_events"])
         scores = self._val_scores
-        for prompt, reference, target in zip(batch["generate"], batch["reference_events"], batch["reference_text"]):
+        for prompt, reference, target, padding in zip(batch["generate"], batch["reference_events"],
+                                                      batch["reference_text"], batch[PADDING_KEY].tolist()):
+            # a padding row generates too: under sharding its rank must join the forwards of every other rank's row
             text = greedy_description(self.model, self.processor, prompt, self.max_new_tokens)
+            if padding:
+                continue
+            self._num_val_clips += 1
             if reference is not None:
                 scores["events"] = scores["events"].add(score_description(text, reference))
                 scores["order"] = scores["order"].add(score_order(text, reference))
@@ -90,8 +98,9 @@ class LMRecipe(RecipeBase):
         if order.num_clips:  # clips with two or more events: are they told in the right order?
             self.log_dict({"val/order_pair_accuracy": order.pair_accuracy, "val/order_clip_accuracy": order.clip_accuracy},
                           rank_zero_only=True)
-        unscored = int(self.trainer.strategy.reduce(torch.tensor(self._num_unscored_events, device=self.device),
-                                                    reduce_op="sum"))
+        unscored, clips = (int(n) for n in self.trainer.strategy.reduce(
+            torch.tensor([self._num_unscored_events, self._num_val_clips], device=self.device), reduce_op="sum"))
+        self.log("val/clips", float(clips), rank_zero_only=True)
         if unscored:
             self.log("val/unscored_event_samples", float(unscored), rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:

@@ -25,7 +25,9 @@ from datamodules.preference_sampling import CLEAN, CORRUPTED, PROVENANCE, RAW
 from recipes.writers import HANDLED, SAMPLES
 from tarsier_train.config.types import NonNegativeFloat, PositiveFloat, PositiveFraction, PositiveInt
 from tarsier_train.data.record_check import extra_info
+from tarsier_train.eval.describe import generation_sync
 from tarsier_train.sampler import Judge, keep_pair
+from tarsier_train.sampler.judges import JudgeFailed
 
 log = logging.getLogger(__name__)
 RejectedFrom = Literal["corrupted", "worst"]
@@ -45,7 +47,8 @@ class PreferenceSampler(L.LightningModule):
         self.min_gain, self.max_pairs, self.seed = min_gain, max_pairs, seed
         self.clean_samples, self.rejected = clean_samples, rejected
         self.generation = {"max_new_tokens": max_new_tokens, "top_p": top_p, "temperature": temperature}
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter(judge_failed=0)  # 0 in the stats says no clip failed
+        self.judge_failed_keys: list[str] = []  # named in the stats, for whoever looks into the failures
 
     @torch.no_grad()
     def describe(self, prompt: dict[str, torch.Tensor], key: str, copy: str, num: int = 1) -> list[str]:
@@ -55,7 +58,7 @@ class PreferenceSampler(L.LightningModule):
         torch.manual_seed(self.seed + zlib.crc32(f"{key}/{copy}".encode()))
         inputs = {name: value.to(self.device) for name, value in prompt.items()}
         output = self.model.generate(**inputs, do_sample=True, pad_token_id=self.processor.tokenizer.pad_token_id,
-                                     num_return_sequences=num, **self.generation)
+                                     num_return_sequences=num, **self.generation, **generation_sync(self.model))
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -65,8 +68,12 @@ class PreferenceSampler(L.LightningModule):
             key, record, provenance = clip[RAW]["key"], clip[RAW]["record"], clip[PROVENANCE]
             if self.max_pairs is not None and self.counts["kept"] >= self.max_pairs:
                 break  # the clips left are not handled: a later run with a higher cap takes them
+            try:
+                chosen, chosen_score, rejected, rejected_score, rejected_from = self._candidates(clip, key, record)
+            except JudgeFailed as error:  # an outage loses this clip for now, not the run: a rerun retries it
+                self._record_failure(key, error)
+                continue
             handled.append(key)
-            chosen, chosen_score, rejected, rejected_score, rejected_from = self._candidates(clip, key, record)
             kept = keep_pair(chosen_score, rejected_score, self.min_gain)
             self.counts.update({"clips": 1, f"clips/{provenance['corruption']}": 1,
                                 **({"kept": 1, f"kept/{provenance['corruption']}": 1} if kept else {})})
@@ -107,8 +114,17 @@ class PreferenceSampler(L.LightningModule):
             "clean_samples": self.clean_samples, "rejected_from": rejected_from}}
         return {"__key__": raw["key"], "json": json.dumps(record).encode(), **raw["media"]}
 
+    def _record_failure(self, key: str, error: JudgeFailed) -> None:
+        """A clip the judge could not score: counted and named in the stats, and left out of HANDLED so that the
+        writer does not mark it done."""
+        log.warning("sampler: clip %s not judged (a rerun retries it): %s", key, error)
+        self.counts["judge_failed"] += 1
+        self.judge_failed_keys.append(key)
+
     def on_predict_end(self) -> None:
-        stats = {"rank": self.global_rank, **dict(self.counts)}
+        stats = {"rank": self.global_rank, **dict(self.counts), "judge_failed_keys": self.judge_failed_keys}
+        for logger in self.loggers:
+            logger.log_metrics({f"sampler/{name}": float(count) for name, count in self.counts.items()})
         log.info("sampler: %s", stats)
         path = Path(self.trainer.default_root_dir) / f"sampler_stats-rank{self.global_rank}.json"
         path.write_text(json.dumps(stats, indent=2))

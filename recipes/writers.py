@@ -8,7 +8,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import lightning as L
 import webdataset as wds
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from tarsier_train.config.types import PositiveInt
+from tarsier_train.config.types import PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ _SHARD = re.compile(r"rank(\d+)-(\d+)\.keys\.json$")
 @dataclasses.dataclass
 class _OpenShard:
     stem: Path  # .../rank<R>-<NNNNNN>
+    opened_at: float  # the writer's clock when the shard was opened
     keys: list[str] = dataclasses.field(default_factory=list)
     num_samples: int = 0
     tar: wds.TarWriter | None = None  # opened on the first sample
@@ -39,15 +41,19 @@ class ShardWriter(BasePredictionWriter):
 
     A shard is written under a temporary name and committed (renamed) with a `.keys.json` naming every input it
     accounts for; a restarted run passes over those inputs, drops what was not committed and redoes only that,
-    so nothing is written twice and nothing is lost.
+    so nothing is written twice and nothing is lost. A shard is committed when it holds `samples_per_shard` samples
+    or has been open `commit_every_s` seconds, whichever comes first: with slow sampling (an LLM judge) or
+    selective filtering a killed run loses minutes of work, not a shard's worth.
     """
 
     output_label = "written data"  # train.py prints where each output went
 
     def __init__(self, output_dir: str, splits: Sequence[str] = ("train", "val"),
-                 samples_per_shard: PositiveInt = 1000):
+                 samples_per_shard: PositiveInt = 1000, commit_every_s: PositiveFloat = 300.0,
+                 clock: Callable[[], float] = time.monotonic):
         super().__init__(write_interval="batch")
         self.output_dir, self.splits, self.samples_per_shard = Path(output_dir), list(splits), samples_per_shard
+        self.commit_every_s, self._clock = commit_every_s, clock
         self._open: dict[int, _OpenShard] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -73,7 +79,8 @@ class ShardWriter(BasePredictionWriter):
             folder = self.output_dir / self.splits[index]
             numbers = [int(m.group(2)) for p in folder.glob(f"rank{trainer.global_rank}-*.keys.json")
                        if (m := _SHARD.search(p.name))]
-            self._open[index] = _OpenShard(folder / f"rank{trainer.global_rank}-{max(numbers, default=-1) + 1:06d}")
+            stem = folder / f"rank{trainer.global_rank}-{max(numbers, default=-1) + 1:06d}"
+            self._open[index] = _OpenShard(stem, opened_at=self._clock())
         return self._open[index]
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, list],
@@ -86,7 +93,7 @@ class ShardWriter(BasePredictionWriter):
             shard.tar.write(sample)
             shard.num_samples += 1
         shard.keys += prediction[HANDLED]
-        if shard.num_samples >= self.samples_per_shard:
+        if shard.num_samples >= self.samples_per_shard or self._clock() - shard.opened_at >= self.commit_every_s:
             self._commit(dataloader_idx)
 
     def _commit(self, index: int) -> None:

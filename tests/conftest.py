@@ -85,8 +85,8 @@ def data_state(checkpoint: dict) -> dict:
 @contextlib.contextmanager
 def rank_processes(script: str, job_file: Path, num_ranks: int, deadline_s: float) -> Iterator[None]:
     """`python SCRIPT JOB_FILE` once per rank (RANK set, logs beside the job file), as torchrun would start them;
-    the body runs meanwhile. On exit: wait for every rank, kill those past the deadline (a failed rank leaves the
-    others waiting in a collective), and fail with the log of any rank that did not succeed."""
+    the body runs meanwhile. On exit: wait for every rank, kill the others as soon as one fails (it leaves them waiting
+    in a collective) and all past the deadline, and fail with the log of any rank that did not succeed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     logs = [job_file.parent / f"rank{rank}.log" for rank in range(num_ranks)]
     processes = []
@@ -97,8 +97,12 @@ def rank_processes(script: str, job_file: Path, num_ranks: int, deadline_s: floa
     deadline = time.monotonic() + deadline_s
     try:
         yield
-        for process in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        # Until all are done, one has failed (the others would wait in a collective until the deadline), or the
+        # deadline: it only catches true hangs, so it can be generous.
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            if any(p.returncode not in (None, 0) for p in processes):
+                break
+            time.sleep(0.2)
     finally:
         for process in processes:
             if process.poll() is None:

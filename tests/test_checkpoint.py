@@ -1,6 +1,5 @@
 import pytest
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from recipes.callbacks import AtomicCheckpointIO
 from tarsier_train.checkpoint import find_latest_checkpoint, resolve_resume
@@ -45,11 +44,11 @@ def test_interrupted_save_leaves_previous_checkpoint_valid(tmp_path, monkeypatch
     old = tmp_path / "checkpoints" / "step-000001.ckpt"
     io.save_checkpoint({"step": 1}, old)
 
-    def crash_midway(self, checkpoint, path, storage_options=None):
-        open(path, "wb").write(b"half a checkpoint")
+    def crash_midway(checkpoint, handle):
+        handle.write(b"half a checkpoint")
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash_midway)
+    monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2}, tmp_path / "checkpoints" / "step-000002.ckpt")
     assert find_latest_checkpoint(tmp_path) == old

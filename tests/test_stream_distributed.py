@@ -35,7 +35,10 @@ SPEC_A = ToyWorldSpec(num_train_clips=20, num_val_clips=1, clips_per_shard=4, fr
 SPEC_B = ToyWorldSpec(num_train_clips=9, num_val_clips=1, clips_per_shard=9, frame_size=32, seed=12)
 SIZES = {"a": 20, "b": 9}
 BATCH, FIRST, MORE = 2, 3, 4  # FIRST odd: the resumed loader must start at the second worker
-DEADLINE_S = 300
+# Only a true hang may fail the job, never a slow machine: the job takes ~40 s alone on 2 cores and several times
+# that beside a CPU-heavy job. The rendezvous waits as long, since the third rank waits in phase 1's rendezvous
+# while the other two run all of phase 0 (the old 300 s for both could run out under load).
+DEADLINE_S = 900  # ~20x the job alone: only catches true hangs (rank_processes stops at the first failure)
 
 
 def _tag_sample(tag: str, key: str, record: dict, members: dict, rng: Any) -> dict[str, Any]:

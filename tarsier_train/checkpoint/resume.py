@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from pathlib import Path
+
+from tarsier_train.checkpoint.atomic import PARTIAL_SUFFIX
+
+log = logging.getLogger(__name__)
 
 STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -17,6 +23,17 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
         if match and is_checkpoint(path):
             candidates.append((int(match.group(1)), path))
     return max(candidates)[1] if candidates else None
+
+
+def remove_partial_saves(run_dir: str | Path) -> list[Path]:
+    """Delete what killed saves left in <run_dir>/checkpoints: <name>.partial files (single-file checkpoints) and
+    directories (sharded ones). Only the holder of the run directory's lock may call this: no live save is then
+    writing there."""
+    leftovers = sorted((Path(run_dir) / "checkpoints").glob("*" + PARTIAL_SUFFIX))
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        log.info("removed %s, left by an interrupted checkpoint save", path)
+    return leftovers
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -9,10 +9,13 @@ and raised as one error that names each key, its value and what is allowed.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,7 +28,17 @@ RUNTIME_ARGUMENTS = {"data": {"processor", "model_dir"}, "objective": {"model", 
                      "trainer": {"callbacks", "logger", "plugins", "default_root_dir"}}
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Whole words of a key (max_new_tokens is not a token): api_key, wandb_token, client_secret, password, ...
-SECRET_KEY = re.compile(r"(?:^|_)(?:api_?key|token|secret|password)(?:$|_)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(?:^|[_-])(?:api_?key|access_?key|private_?key|token|secret|password|passwd|credentials?)"
+                        r"(?:$|[_-])", re.IGNORECASE)
+REDACTED = "<redacted>"
+# Secrets inside values, whatever the key: credentials in URLs (scheme://user:pass@host), `key=value` pairs with a
+# secret-looking key (Hydra overrides, URL queries), and well-known key formats wherever they appear.
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
+# `key=value`, or `key: value` (a colon needs the space YAML needs: `https://`, `${oc.env:X}` are not assignments)
+_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~-]+)(?P<sep>\s*=\s*|:\s+)(?P<value>[^\s,;&'\"]+)")
+_KEY_FORMATS = re.compile(r"\b(?:sk-[\w-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
+                          r"|glpat-[\w-]{20,}|xox[abposr]-[\w-]{10,}|AKIA[0-9A-Z]{16}"
+                          r"|eyJ[\w-]{10,}\.[\w-]{10,}\.[\w-]{10,})")
 LOW_PRECISION_WEIGHTS = ("bf16-true", "16-true")
 
 
@@ -149,9 +162,45 @@ def _hints(function: Any) -> dict[str, Any]:
 
 
 def redact(container: Any) -> Any:
-    """A copy of a config container with secret-looking values replaced, for anything written to disk."""
+    """A copy of a config container with secrets replaced, for anything written to disk: the values of
+    secret-looking keys, and secrets inside any string (see redact_text)."""
     if isinstance(container, dict):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) and v is not None else redact(v) for k, v in container.items()}
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v is not None else redact(v) for k, v in container.items()}
     if isinstance(container, list):
         return [redact(v) for v in container]
-    return container
+    return redact_text(container) if isinstance(container, str) else container
+
+
+def redact_text(text: str) -> str:
+    """`text` with URL credentials, values assigned to secret-looking keys (`objective.judge.api_key=...`,
+    `?token=...`) and well-known key formats (sk-..., hf_..., ghp_...) replaced."""
+    text = _URL_CREDENTIALS.sub(rf"\1{REDACTED}@", text)
+    text = _ASSIGNMENT.sub(_redact_assignment, text)
+    return _KEY_FORMATS.sub(REDACTED, text)
+
+
+def _redact_assignment(match: re.Match) -> str:
+    name = match["key"].lstrip("+~").rsplit(".", 1)[-1]  # an override's key is a dotted path: its last part counts
+    if not SECRET_KEY.search(name) or match["value"] == REDACTED:
+        return match.group(0)
+    return f"{match['key']}{match['sep']}{REDACTED}"
+
+
+HYDRA_DUMPS = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def redact_hydra_dumps(run_dir: Path, subdir: str | None = ".hydra") -> None:
+    """Redact the copies Hydra writes before the run starts (<run_dir>/<subdir>/: the unresolved config, its own
+    config with the command line, the overrides), which would otherwise keep a key given on the command line.
+    `subdir` is hydra.output_subdir; None: Hydra wrote none. A file with nothing to redact is left as Hydra wrote it."""
+    if subdir is None:
+        return
+    for path in (Path(run_dir) / subdir / name for name in HYDRA_DUMPS):
+        if not path.is_file():
+            continue
+        content = yaml.safe_load(path.read_text())
+        redacted = redact(content)
+        if redacted != content:
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(yaml.safe_dump(redacted, sort_keys=False, allow_unicode=True))
+            os.replace(partial, path)  # never a half-written copy, nor the secret left behind on a crash

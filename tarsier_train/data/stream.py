@@ -31,6 +31,8 @@ MakeSample = Callable[[str, dict, dict, "np.random.Generator | None"], dict[str,
 _SAMPLE_RNG, _SOURCE_DRAW = 3, 4
 # (source, consumer, items of its sequence consumed, mixture draws consumed) once this sample is trained on
 POSITION_KEY = "stream_position"
+# an evaluation sample that only keeps its rank in step with the others (`EvalStream(pad=True)`): never scored
+PADDING_KEY = "padding"
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -238,20 +240,43 @@ class VideoTextStream(_RankedStream):
 
 class EvalStream(_RankedStream):
     """Every sample of the shards once, in order; sample i goes to consumer i % (ranks x workers). Keys in
-    `done_keys` (handled by an interrupted earlier run of a data-writing recipe) are passed over."""
+    `done_keys` (handled by an interrupted earlier run of a data-writing recipe) are passed over.
+
+    `pad=True` (validation under several ranks): every consumer yields the same number of samples, ceil(samples /
+    consumers), topping its share up with copies of one of its samples marked `PADDING_KEY` (also in place of the
+    samples it skipped). So every rank runs the same batches of the same sizes, in the same order of workers: under a
+    sharded model, a rank with one clip more would otherwise call forwards its peers never join, and wait for ever.
+    Padding joins the forwards only; the recipes leave it out of every metric, count and output."""
 
     def __init__(self, shards: list[str], make_sample: MakeSample, done_keys: frozenset[str] = frozenset(),
-                 skip_budget: SkipBudget = SkipBudget(), name: str = ""):
+                 skip_budget: SkipBudget = SkipBudget(), name: str = "", pad: bool = False):
         if not shards:
             raise FileNotFoundError("no shards given to the stream")
         self.shards, self.make_sample, self.done_keys = list(shards), make_sample, done_keys
-        self.skip_budget, self.name = skip_budget, name or self.shards[0]
+        self.skip_budget, self.name, self.pad = skip_budget, name or self.shards[0], pad
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = self.rank_and_world()
         worker, num_workers = _worker_and_count()
         consumer, num_consumers = rank * num_workers + worker, world * num_workers
         skips = SkipCounter(self.name, self.skip_budget)
+        num_yielded, last = 0, None
+        for sample in self._own_samples(consumer, num_consumers, skips):
+            num_yielded, last = num_yielded + 1, sample
+            yield sample
+        if self.pad:
+            share = -(-sum(shard_sample_counts(self.shards)) // num_consumers)
+            for _ in range(share - num_yielded):
+                last = last or self._first_usable()
+                if last is None:
+                    break  # nothing in the shards is usable: every consumer yields nothing, so all stay in step
+                # the skips since its last real sample ride on the first padding sample, so they are still counted
+                yield {**last, PADDING_KEY: True, SKIP_REASONS_KEY: skips.take_pending()}
+        if skips.reasons:
+            log.warning("%s: %d of %d samples skipped (%s)", self.name, skips.reasons.total(), skips.num_read,
+                        ", ".join(f"{reason} {count}" for reason, count in skips.reasons.most_common()))
+
+    def _own_samples(self, consumer: int, num_consumers: int, skips: SkipCounter) -> Iterator[dict[str, Any]]:
         for index, raw in enumerate(_raw_samples(self.shards)):
             if index % num_consumers != consumer:
                 continue
@@ -262,9 +287,21 @@ class EvalStream(_RankedStream):
             if sample is not None:
                 sample[SKIP_REASONS_KEY] = skips.take_pending()
                 yield sample
-        if skips.reasons:
-            log.warning("%s: %d of %d samples skipped (%s)", self.name, skips.reasons.total(), skips.num_read,
-                        ", ".join(f"{reason} {count}" for reason, count in skips.reasons.most_common()))
+
+    def _first_usable(self) -> dict[str, Any] | None:
+        """Any usable sample of the shards, for a consumer with none of its own (fewer samples than consumers);
+        its failures are not this consumer's, so they go uncounted."""
+        ignored = SkipCounter(self.name, SkipBudget(max_fraction=1.0, min_samples=2**31))
+        for index, raw in enumerate(_raw_samples(self.shards)):
+            key = raw["__key__"] if isinstance(raw, dict) else f"sample {index}"
+            sample = _transformed(self.make_sample, key, raw, None, ignored)
+            if sample is not None:
+                return sample
+        return None
+
+
+def is_padding(sample: dict[str, Any]) -> bool:
+    return bool(sample.get(PADDING_KEY, False))
 
 
 class StreamProgress:

@@ -5,12 +5,17 @@ extracts events from both texts, then checks each side's events for entailment b
 from __future__ import annotations
 
 import dataclasses
+import email.utils
+import http.client
+import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -89,11 +94,35 @@ RELATIONSHIPS = ("entailment", "neutral", "contradiction")
 
 
 class JudgeError(RuntimeError):
-    """The judge's endpoint could not be reached or kept answering something unusable."""
+    """The judge cannot work at all (refused credentials, a wrong endpoint, a redirect or URL that would leak the
+    key): every clip would fail the same way, so the run stops."""
+
+
+class JudgeFailed(JudgeError):
+    """The judge gave no usable answer for this clip in time (outage, rate limit, malformed answers): the sampler
+    records the clip as failed and goes on; a rerun retries it."""
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # the server's Retry-After, a floor for the next wait
+
+
+# Client errors that say the configuration is wrong (credentials, endpoint, method), not this clip's request.
+_FATAL_HTTP = frozenset({401, 403, 404, 405})
+_MAX_REDIRECTS = 5
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a 301/302/303 as a GET carrying the Authorization header to any host; redirects are
+    handled by AutoDQJudge._post instead, which follows them only within the endpoint's own origin."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,20 +141,32 @@ class AutoDQJudge:
     """AutoDQ against any OpenAI-compatible endpoint. `base_url` includes the API version, as the OpenAI client's
     does (`https://api.openai.com/v1`, `http://localhost:8000/v1` for vLLM); requests go to
     `{base_url}/chat/completions`. The key is read from the `api_key_env` variable at each request, never
-    stored; without it no Authorization header is sent (local servers). 5xx, 429, timeouts, refused
-    connections and unparseable answers are retried `max_retries` times with exponential backoff."""
+    stored; without it no Authorization header is sent (local servers). The key goes only to the endpoint's own
+    origin (redirects elsewhere are refused) and never over plain http to a host other than this machine.
+
+    5xx, 429, timeouts, refused connections and malformed answers (non-JSON, `null` content, the wrong schema) are
+    retried with exponential backoff and full jitter (a wait drawn from [0, backoff_s * 2^n], at most
+    `max_backoff_s`, and never shorter than the server's `Retry-After`), up to `max_retries` times and within
+    `deadline_s` for one question; then `JudgeFailed`. `sleep`, `clock` and `rng` are injectable for tests."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
-                 timeout_s: PositiveFloat = 60.0, max_retries: NonNegativeInt = 3, backoff_s: NonNegativeFloat = 1.0,
-                 temperature: NonNegativeFloat = 0.0, cache_size: NonNegativeInt = 1024) -> None:
+                 timeout_s: PositiveFloat = 60.0, max_retries: NonNegativeInt = 8, backoff_s: NonNegativeFloat = 1.0,
+                 max_backoff_s: NonNegativeFloat = 60.0, deadline_s: PositiveFloat = 600.0,
+                 temperature: NonNegativeFloat = 0.0, cache_size: NonNegativeInt = 1024,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"AutoDQJudge base_url must start with http:// or https://, got {base_url!r}")
-        if max_retries < 0 or timeout_s <= 0:
-            raise ValueError(f"AutoDQJudge needs max_retries >= 0 and timeout_s > 0, got {max_retries}, {timeout_s}")
+        if max_retries < 0 or timeout_s <= 0 or deadline_s <= 0:
+            raise ValueError(f"AutoDQJudge needs max_retries >= 0, timeout_s > 0 and deadline_s > 0, got "
+                             f"{max_retries}, {timeout_s}, {deadline_s}")
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
-        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.timeout_s, self.max_retries, self.deadline_s = timeout_s, max_retries, deadline_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.temperature, self.cache_size = temperature, cache_size
+        self._sleep, self._clock, self._rng = sleep, clock, rng or random.Random()
         self._reference_cache: dict[str, tuple[str, ...]] = {}  # each reference is judged twice (chosen, rejected)
+        self._headers(self.base_url)  # a key that would go over plain http fails here, before any compute
 
     def __repr__(self) -> str:
         return f"AutoDQJudge(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -162,40 +203,114 @@ class AutoDQJudge:
     def _ask_json(self, prompt: str, validate: Callable[[Any], Any]) -> Any:
         """Send one chat request; retry on transient failures and unusable answers; parse the answer's JSON."""
         url = f"{self.base_url}/chat/completions"
-        last = ""
+        give_up_at = self._clock() + self.deadline_s
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                return validate(_parse_json_answer(self._post(url, prompt)))
+                return validate(_parse_json_answer(self._post(url, prompt, give_up_at)))
             except _Retryable as error:
-                last = str(error)
-                log.warning("AutoDQ judge %s: attempt %d/%d failed: %s", url, attempt + 1, self.max_retries + 1, last)
-        raise JudgeError(f"AutoDQ judge at {self.base_url} failed after {self.max_retries + 1} attempts: {last}")
+                log.warning("AutoDQ judge %s: attempt %d/%d failed: %s", url, attempt + 1, self.max_retries + 1, error)
+                wait = self._backoff(attempt, error.retry_after_s)
+                if attempt == self.max_retries or self._clock() + wait >= give_up_at:
+                    raise JudgeFailed(f"AutoDQ judge at {self.base_url} failed after {attempt + 1} attempts "
+                                      f"(max_retries={self.max_retries}, deadline_s={self.deadline_s}): {error}") from None
+                self._sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _post(self, url: str, prompt: str) -> str:
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        """Full jitter (clients that failed together do not retry together), at least what the server asked."""
+        jittered = self._rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+        return max(jittered, retry_after_s or 0.0)
+
+    def _headers(self, url: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            if not _may_carry_key(url):
+                raise JudgeError(f"AutoDQ judge at {url}: refusing to send ${self.api_key_env} over plain http to a "
+                                 "host other than this machine; use https, or unset the key for a keyless server")
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _post(self, url: str, prompt: str, give_up_at: float) -> str:
         body = json.dumps({"model": self.model, "temperature": self.temperature,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if os.environ.get(self.api_key_env):
-            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = f"HTTP {error.code} from {url}: {error.read()[:200]!r}"
-            if error.code >= 500 or error.code == 429:
-                raise _Retryable(detail) from None
-            raise JudgeError(f"AutoDQ judge at {self.base_url}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            raise _Retryable(f"cannot reach {url}: {getattr(error, 'reason', error)}") from None
-        except json.JSONDecodeError as error:
-            raise _Retryable(f"{url} answered non-JSON: {error}") from None
-        try:
-            return payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise _Retryable(f"{url} answered without choices[0].message.content: {payload!r:.200}") from None
+        for _ in range(_MAX_REDIRECTS + 1):
+            request = urllib.request.Request(url, data=body, headers=self._headers(url), method="POST")
+            timeout = max(0.001, min(self.timeout_s, give_up_at - self._clock()))  # the deadline bounds a hung call
+            try:
+                with _OPENER.open(request, timeout=timeout) as response:
+                    return _content(response.read(), url)
+            except urllib.error.HTTPError as error:
+                if 300 <= error.code < 400:
+                    url = self._redirect_target(url, error)
+                    continue
+                raise self._http_failure(url, error) from None
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
+                raise _Retryable(f"cannot reach {url}: {getattr(error, 'reason', error)}") from None
+        raise JudgeError(f"AutoDQ judge at {self.base_url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _redirect_target(self, url: str, error: urllib.error.HTTPError) -> str:
+        """Where a redirect points, if it stays on the endpoint's origin (scheme, host, port): the key may go
+        there. Anywhere else the key must not follow, and the endpoint is misconfigured: stop."""
+        target = urllib.parse.urljoin(url, error.headers.get("Location", ""))
+        if _origin(target) != _origin(url):
+            raise JudgeError(f"AutoDQ judge at {self.base_url}: HTTP {error.code} redirects to another origin "
+                             f"({_origin(target)}); not followed, so the API key is not sent there. Set base_url to "
+                             "the final endpoint")
+        return target
+
+    def _http_failure(self, url: str, error: urllib.error.HTTPError) -> Exception:
+        detail = f"HTTP {error.code} from {url}: {error.read()[:200]!r}"
+        if error.code >= 500 or error.code == 429:
+            return _Retryable(detail, _retry_after_s(error.headers.get("Retry-After")))
+        if error.code in _FATAL_HTTP:
+            return JudgeError(f"AutoDQ judge at {self.base_url}: {detail}")
+        return JudgeFailed(f"AutoDQ judge at {self.base_url}: {detail}")  # e.g. 400: this request, not the setup
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+def _may_carry_key(url: str) -> bool:
+    """https anywhere; plain http only to this machine (loopback), where nobody on the network can read it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _content(raw: bytes, url: str) -> str:
+    """choices[0].message.content of a chat completion; anything else (non-JSON, `null` content) is malformed."""
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    except json.JSONDecodeError as error:
+        raise _Retryable(f"{url} answered non-JSON: {error}") from None
+    except (KeyError, IndexError, TypeError):
+        raise _Retryable(f"{url} answered without choices[0].message.content: {raw[:200]!r}") from None
+    if not isinstance(content, str):
+        raise _Retryable(f"{url} answered content {content!r:.100} instead of text")
+    return content
 
 
 def _parse_json_answer(content: str) -> Any:
