@@ -9,18 +9,17 @@ import email.utils
 import json
 import os
 import random
-import threading
 import time
 import types
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run_train, train_env
 from test_sampler import SAMPLE, _pairs
-from test_sampler_parts import StubLLM
+from test_sampler_parts import StubLLM, serve_loopback
 
 from recipes.writers import HANDLED, SAMPLES, ShardWriter
 from tarsier_train.config.validate import redact, redact_hydra_dumps, redact_text
@@ -60,11 +59,7 @@ def _serve(llm: FaultyLLM):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.handle_error = lambda request, address: None  # a timed-out request's late answer hits a closed socket
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    llm.origin = f"http://127.0.0.1:{server.server_address[1]}"
+    server, thread, llm.origin = serve_loopback(Handler)
     llm.base_url = llm.origin + "/v1"
     return server, thread
 

@@ -275,6 +275,15 @@ class StubLLM:
                                       for e in events]})
 
 
+def serve_loopback(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, threading.Thread, str]:
+    """A fake endpoint on a free loopback port, served from a thread: (server, thread, its http://host:port origin)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.handle_error = lambda request, address: None  # a timed-out request's late answer hits a closed socket
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.fixture
 def stub():
     llm = StubLLM()
@@ -300,11 +309,8 @@ def stub():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.handle_error = lambda request, address: None  # the timed-out request's late answer hits a closed socket
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    llm.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server, thread, llm.base_url = serve_loopback(Handler)
+    llm.base_url += "/v1"
     yield llm
     server.shutdown()
     server.server_close()
