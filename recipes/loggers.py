@@ -16,13 +16,14 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from tarsier_train.checkpoint.atomic import write_text_atomically
 from tarsier_train.checkpoint.run_lock import is_launch_rank_zero
+from tarsier_train.config.types import PositiveFloat
 
 RUN_ID_FILE = "wandb_run_id"
 log = logging.getLogger("tarsier_train")
 
 
 def wandb_logger(run_dir: str, project: str, name: str, entity: str | None = None,
-                 init_timeout: float = 30.0) -> WandbLogger:
+                 init_timeout: PositiveFloat = 30.0) -> WandbLogger:
     """A W&B logger whose run id lives in the run directory, so a resumed run continues the same W&B run.
 
     Offline (no network, no prompt) unless WANDB_API_KEY is set or WANDB_MODE says otherwise; the key
