@@ -1,8 +1,8 @@
 """The shard writer under bad data and crashes: media paths leading out of the media root, oversized media, slow
 transcodes, a worker killed mid-line, the writer itself killed mid-run. Real files, shards and processes."""
 
+import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +13,8 @@ import pytest
 from tarsier_train.data import write_shards as writer
 from tarsier_train.data.write_shards import main, write_shards
 from test_write_shards import _image, _image_bytes, _record, _samples, _video, _video_bytes, _write_jsonl
+from writer_faults import (LOCK_HELD_ELSEWHERE, process_line_dying_on, process_line_never_reading,
+                           process_line_taking_the_lock)
 
 CLIP = _video_bytes(height=32, width=32)
 
@@ -79,13 +81,7 @@ def test_media_over_the_size_cap_are_rejected_without_being_read(tmp_path, monke
     (media / "big.png").write_bytes(big)
     with (media / "huge.mp4").open("wb") as sparse:  # 3 GiB on paper, nothing on disk
         sparse.truncate(3 * 1024 ** 3)
-    read_bytes = Path.read_bytes
-
-    def never_the_huge_one(path: Path) -> bytes:
-        assert path.name != "huge.mp4", "read an oversized file"
-        return read_bytes(path)
-
-    monkeypatch.setattr(Path, "read_bytes", never_the_huge_one)  # forked workers inherit it
+    monkeypatch.setattr(writer, "process_line", functools.partial(process_line_never_reading, "huge.mp4"))
     lines = {1: json.dumps(_record([_image("small.png")])), 2: json.dumps(_record([_image("big.png")])),
              3: json.dumps(_record([_video("huge.mp4")]))}
     records = _write_jsonl(tmp_path / "in.jsonl", lines)
@@ -120,14 +116,7 @@ def test_a_line_that_kills_its_worker_costs_only_itself(tmp_path, monkeypatch):
     (media / "clip.mp4").write_bytes(CLIP)
     (media / "still.png").write_bytes(_image_bytes("PNG"))
     (media / "crash.mp4").write_bytes(CLIP)
-    load_media = writer.load_media
-
-    def crash_on_crash_mp4(item, rules):  # a segfault or an OOM kill, as the parent sees it
-        if item[item["type"]].get("video_file") == "crash.mp4":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return load_media(item, rules)
-
-    monkeypatch.setattr(writer, "load_media", crash_on_crash_mp4)  # forked workers inherit it
+    monkeypatch.setattr(writer, "process_line", functools.partial(process_line_dying_on, "crash.mp4"))
     media_of = {0: _image("still.png"), 1: _video("clip.mp4")}
     lines = {n: json.dumps(_record([media_of[n % 2]], idx=n)) for n in range(1, 12)} | {12: "{bad"}
     crashing = json.dumps(_record([_video("crash.mp4")]))
@@ -141,6 +130,20 @@ def test_a_line_that_kills_its_worker_costs_only_itself(tmp_path, monkeypatch):
     write_shards(blanked, media, tmp_path / "reference", shard_size_mb=0.01, workers=2)
     for shard in manifest["shards"]:
         assert (tmp_path / "out" / shard["name"]).read_bytes() == (tmp_path / "reference" / shard["name"]).read_bytes()
+
+
+def test_workers_never_start_with_a_lock_the_writers_process_held(tmp_path, monkeypatch):
+    """The writer runs inside processes with threads (a trainer, a test session, FFmpeg's). Forked from such a
+    process, a worker inherits every lock another thread holds at that instant and can wait on it for ever (a CI
+    run hung so); workers come from the fork server instead."""
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "still.png").write_bytes(_image_bytes("PNG"))
+    records = _write_jsonl(tmp_path / "in.jsonl", {n: json.dumps(_record([_image("still.png")])) for n in (1, 2, 3)})
+    monkeypatch.setattr(writer, "process_line", process_line_taking_the_lock)
+    with LOCK_HELD_ELSEWHERE:
+        manifest = write_shards(records, media, tmp_path / "out", workers=2)
+    assert manifest["num_samples"] == 3 and manifest["num_rejected"] == 0, _rejects(tmp_path / "out")
 
 
 # Runs the writer's CLI and SIGKILLs the whole process when the line numbered argv[1] comes out of the workers.

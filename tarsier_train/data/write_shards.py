@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import select
 import shutil
-import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -52,7 +53,6 @@ DEFAULT_MAX_MEDIA_MB = 2048
 DEFAULT_TRANSCODE_TIMEOUT_S = 600.0
 # Fixed tar mtime so identical input gives byte-identical shards (reproducible builds).
 SHARD_MTIME = 0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # The writer's own reason codes, for a line's media and its processing (record_check names the record's faults).
 UNSUPPORTED_MEDIA = "unsupported_media"  # a file extension the loader does not decode for that item type
@@ -293,16 +293,33 @@ def processed_in_order(lines: Iterable[tuple[int, bytes]], rules: MediaRules,
 
 
 def _worker_pool(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    """Workers forked from multiprocessing's fork server, never from the writer: the writer may run inside a
+    process with threads (a trainer, a test session, FFmpeg's own), and a fork copies whatever lock one of them
+    holds at that instant into a child that then waits on it for ever. The fork server is a fresh
+    single-threaded process with this module preloaded, so a pool starts in milliseconds, not an import."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_writer, initargs=(os.getpid(),))
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Worker initializer. Workers wait for work on a pipe they hold both ends of, so a writer killed (OOM kill,
-    SIGKILL) would leave them waiting forever, holding memory and the writer's stdout; Linux kills them with it."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the writer died before prctl took effect
-        os._exit(1)
+def _die_with_writer(writer_pid: int) -> None:
+    """Worker initializer. Workers wait for work on a pipe they hold both ends of (and keep the fork server alive),
+    so a writer killed (OOM kill, SIGKILL) would leave them waiting forever, holding memory and the writer's
+    stdout: a watcher thread ends the worker the moment the writer exits."""
+    threading.Thread(target=_exit_when_gone, args=(writer_pid,), daemon=True, name="writer-watch").start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    try:
+        if hasattr(os, "pidfd_open"):  # Linux: woken by the exit itself
+            select.select([os.pidfd_open(pid)], [], [])
+        else:
+            while True:
+                os.kill(pid, 0)
+                time.sleep(1.0)
+    except ProcessLookupError:  # gone already
+        pass
+    os._exit(1)
 
 
 def _pooled(pool: ProcessPoolExecutor, lines: Iterator[tuple[int, bytes]], in_flight: collections.deque,
