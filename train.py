@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> None:
 
     if cfg.init_from:  # a later stage: the previous stage's weights and processor
         log.info("initialising from %s", cfg.init_from)
-        model_dir = local_model_dir(cfg.init_from, key="init_from")
+        model_dir = local_model_dir(cfg.init_from, key="init_from", converted_dir=f"{cfg.cache_root}/converted")
     else:
         log.info("building model: %s", cfg.model.dir._target_)
         model_dir = instantiate(cfg.model.dir)

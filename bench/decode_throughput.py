@@ -30,7 +30,7 @@ from tarsier_train.data.sampling import FrameSampler, uniform_frame_indices
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.data.video import read_frames
 from tarsier_train.losses import summed_token_cross_entropy
-from tarsier_train.models import load_model, load_processor, tiny_qwen2_vl_dir
+from tarsier_train.models import load_model, load_processor, tiny_qwen_vl_dir
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
 MIN_PIXELS, MAX_PIXELS = 128 * 28 * 28, 448 * 448
@@ -80,7 +80,7 @@ def time_decoders(loaders: dict, clips: list[Path], rounds: int) -> dict[str, fl
 
 def padding_cost(cache: Path, rounds: int) -> tuple[float, float]:
     """(share of padded token slots, padded-batch step time / sum of single-sample step times)."""
-    model_dir = tiny_qwen2_vl_dir(str(cache / "models"))
+    model_dir = tiny_qwen_vl_dir(str(cache / "models"))
     processor, model = load_processor(model_dir), load_model(model_dir)
     import json
 
@@ -118,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one worker's view: a loader worker decodes on one core
     os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord" if importlib.util.find_spec("decord") else "torchvision")
     cache = Path(tempfile.mkdtemp(prefix="tarsier-bench-"))
-    processor = load_processor(tiny_qwen2_vl_dir(str(cache / "models")))
+    processor = load_processor(tiny_qwen_vl_dir(str(cache / "models")))
     clips = sample_clips()
     loaders = {f"qwen-vl-utils ({os.environ['FORCE_QWENVL_VIDEO_READER']})": reference(processor, args.frames),
                "tarsier-train (pyav)": ours(processor, "pyav", args.frames)}

@@ -35,7 +35,7 @@ import webdataset as wds
 
 from recipes.dpo import DPORecipe
 from tarsier_train.data.collate import VideoTextCollator, model_inputs
-from tarsier_train.data.packing import RopeIndex
+from tarsier_train.data.packing import RopeIndex, rope_index_of
 from tarsier_train.data.pairs import (
     CHOSEN,
     REFERENCE_KEY,
@@ -49,7 +49,7 @@ from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VISUAL_INPUTS, VideoTextTransform
 from tarsier_train.losses import summed_token_cross_entropy
 from tarsier_train.losses.dpo import DPOLossSettings, SequenceLogps, dpo_loss, pair_logps, sequence_logps
-from tarsier_train.models import load_model, load_processor, tiny_qwen2_vl_dir
+from tarsier_train.models import load_model, load_processor, tiny_qwen_vl_dir
 from tarsier_train.models.shared_media import pair_answer_logps
 from tarsier_train.optim import grouped_optimizer, warmup_cosine
 from tarsier_train.toyworld import ToyWorldSpec, ensure_derived
@@ -185,11 +185,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(tempfile.mkdtemp(prefix="tarsier-bench-"))
-    model_dir = tiny_qwen2_vl_dir(str(cache / "models"))
+    model_dir = tiny_qwen_vl_dir(str(cache / "models"))
     processor, model = load_processor(model_dir), load_model(model_dir)
     pairs = toy_pairs(cache, processor, args.pairs, args.frames)
     settings = DPOLossSettings()  # Tarsier2: sigmoid, beta 0.1
-    steps, precompute = dpo_steps(model, processor, RopeIndex.from_pretrained(model_dir), pairs, settings)
+    steps, precompute = dpo_steps(model, processor, rope_index_of(model_dir), pairs, settings)
     # The check runs each DPO step once with its backward: also the warm-up
     loss, log_ratios = check_same_numbers({name: step for name, step in steps.items() if name != SFT}, model,
                                           settings.beta)
@@ -200,7 +200,7 @@ def main() -> None:
 
     batch = PairCollator(processor.tokenizer.pad_token_id)(pairs)
     lengths, video_tokens = batch["attention_mask"].sum(dim=1), int((batch["mm_token_type_ids"][0] == 2).sum())
-    shared = SharedPrefixPairCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(model_dir))(pairs)
+    shared = SharedPrefixPairCollator(processor.tokenizer.pad_token_id, rope_index_of(model_dir))(pairs)
     print(f"{args.pairs} toy-world pairs, {args.frames} frames ({video_tokens} video tokens per row), two-rows rows "
           f"of {int(lengths.min())}..{int(lengths.max())} tokens, shared-prefix rows of {shared['input_ids'].shape[1]} "
           f"({int(lengths.sum())} vs {round(float(shared['non_pad_fraction']) * shared['input_ids'].numel())} real "

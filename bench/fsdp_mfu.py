@@ -59,7 +59,7 @@ from recipes.strategies import FSDP2Strategy
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.packing import PackingCollator, RopeIndex
 from tarsier_train.data.step_batches import StepLookahead
-from tarsier_train.models import load_processor, tiny_qwen2_vl_dir
+from tarsier_train.models import load_processor, tiny_qwen_vl_dir
 from tarsier_train.models.controls import build_model
 from tarsier_train.optim import grouped_optimizer
 
@@ -278,7 +278,7 @@ def main() -> None:
 
     cache = Path(tempfile.mkdtemp(prefix="tarsier-fsdp-mfu-"))
     pixels = args.frame_size ** 2  # min = max: the processor resizes every toy-world frame to this square
-    model_dir = tiny_qwen2_vl_dir(str(cache / "models"), min_pixels=pixels, max_pixels=pixels)
+    model_dir = tiny_qwen_vl_dir(str(cache / "models"), min_pixels=pixels, max_pixels=pixels)
     processor = load_processor(model_dir)
     samples = transformed_samples(cache, processor, num_samples(args), NUM_FRAMES)  # the workers reuse its clips
     config = model_config(args, model_dir)

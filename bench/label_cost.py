@@ -19,7 +19,7 @@ from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.tasks import TaskInput
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.data.video import encode_mp4
-from tarsier_train.models import load_processor, tiny_qwen2_vl_dir
+from tarsier_train.models import load_processor, tiny_qwen_vl_dir
 from tarsier_train.toyworld import generate_clip, render_frames
 
 # The tiny model's template before labels stopped depending on markers: the baseline's only way to a mask.
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/tarsier-bench-cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    processor = load_processor(tiny_qwen2_vl_dir(args.cache))
+    processor = load_processor(tiny_qwen_vl_dir(args.cache))
     transform = VideoTextTransform(processor, FrameSampler(num_frames=args.frames))
     record = {"messages": [{"role": "user", "content": [{"type": "video", "video": {"video_file": "k.mp4"}},
                                                          {"type": "text", "text": "Describe the video in detail."}]},

@@ -21,12 +21,12 @@ import torch
 import webdataset as wds
 
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, VideoTextCollator, model_inputs
-from tarsier_train.data.packing import PackingCollator, RopeIndex
+from tarsier_train.data.packing import PackingCollator, rope_index_of
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.losses import summed_token_cross_entropy
-from tarsier_train.models import load_model, load_processor, tiny_qwen2_vl_dir
+from tarsier_train.models import load_model, load_processor, tiny_qwen_vl_dir
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
 FRAME_COUNTS = (4, 8, 16)
@@ -69,13 +69,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(tempfile.mkdtemp(prefix="tarsier-bench-"))
-    model_dir = tiny_qwen2_vl_dir(str(cache / "models"))
+    model_dir = tiny_qwen_vl_dir(str(cache / "models"))
     processor, model = load_processor(model_dir), load_model(model_dir).train()
     samples = mixed_samples(cache, processor, args.clips, args.text_only)
     real_tokens = sum(len(s["input_ids"]) for s in samples)
     batches = {
         "padded": VideoTextCollator(processor.tokenizer.pad_token_id)(samples),
-        "packed": PackingCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(model_dir),
+        "packed": PackingCollator(processor.tokenizer.pad_token_id, rope_index_of(model_dir),
                                   max_tokens_per_row=args.budget)(samples),
     }
     fractions = {"padded": batches["padded"]["attention_mask"].float().mean().item(),

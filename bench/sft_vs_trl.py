@@ -38,12 +38,12 @@ from trl import SFTConfig, SFTTrainer
 
 from recipes.lm import LMRecipe
 from tarsier_train.data.collate import VideoTextCollator, model_inputs
-from tarsier_train.data.packing import PackingCollator, RopeIndex
+from tarsier_train.data.packing import PackingCollator, rope_index_of
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.step_batches import StepLookahead
 from tarsier_train.data.transform import VideoTextTransform
-from tarsier_train.models import load_model, load_processor, tiny_qwen2_vl_dir
+from tarsier_train.models import load_model, load_processor, tiny_qwen_vl_dir
 from tarsier_train.optim import grouped_optimizer, warmup_cosine
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
@@ -229,7 +229,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     cache = Path(tempfile.mkdtemp(prefix="tarsier-bench-"))
-    model_dir = tiny_qwen2_vl_dir(str(cache / "models"), text_hidden_size=args.text_hidden_size,
+    model_dir = tiny_qwen_vl_dir(str(cache / "models"), text_hidden_size=args.text_hidden_size,
                                   text_layers=args.text_layers, text_heads=args.text_heads)
     processor = load_processor(model_dir)
     started = time.perf_counter()
@@ -247,7 +247,7 @@ def main() -> None:
 
     sides = {OURS: functools.partial(train_ours, model_dir, processor, samples, padded, args)}
     if args.packing:
-        packed = PackingCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(model_dir))
+        packed = PackingCollator(processor.tokenizer.pad_token_id, rope_index_of(model_dir))
         sides[PACKED] = functools.partial(train_ours, model_dir, processor, samples, packed, args)
     sides[TRL] = functools.partial(train_trl, model_dir, processor, samples, padded, args, cache / "trl")
     runs: dict[str, list[StepLog]] = {name: [] for name in sides}

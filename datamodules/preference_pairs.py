@@ -12,7 +12,7 @@ from transformers import ProcessorMixin
 
 from datamodules.toyworld import ToyWorldDataModule
 from datamodules.video_shards import VideoShardDataModule
-from tarsier_train.data.packing import RopeIndex
+from tarsier_train.data.packing import rope_index_of
 from tarsier_train.data.pairs import (
     PAIR_LAYOUTS,
     RAW_KEY,
@@ -45,7 +45,7 @@ def pair_collator(processor: ProcessorMixin, pair_layout: str, attn_implementati
     if model_dir is None:
         raise ValueError("data.pair_layout=shared_prefix needs the model directory (train.py passes it) for M-RoPE "
                          "positions")
-    return SharedPrefixPairCollator(pad, RopeIndex.from_pretrained(model_dir))
+    return SharedPrefixPairCollator(pad, rope_index_of(model_dir))
 
 
 class PairSamples:

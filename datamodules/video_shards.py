@@ -16,7 +16,7 @@ from transformers import ProcessorMixin
 from tarsier_train.config.schema import DataSource, FrameCounts
 from tarsier_train.config.types import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from tarsier_train.data.collate import VideoTextCollator
-from tarsier_train.data.packing import PackingCollator, RopeIndex
+from tarsier_train.data.packing import PackingCollator, rope_index_of
 from tarsier_train.data.record_check import extra_info
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler, SamplingMode
@@ -61,7 +61,7 @@ def _packing_collator(processor: ProcessorMixin, model_dir: str | None, max_toke
                          f"are {', '.join(PACKABLE_ATTENTION)}")
     if model_dir is None:
         raise ValueError("data.packing=true needs the model directory (train.py passes it) for M-RoPE positions")
-    return PackingCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(model_dir), max_tokens_per_row,
+    return PackingCollator(processor.tokenizer.pad_token_id, rope_index_of(model_dir), max_tokens_per_row,
                            single_row=attn_implementation == "flash_attention_2")
 
 

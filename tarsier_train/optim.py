@@ -10,7 +10,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from tarsier_train.config.types import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFraction, PositiveInt
-from tarsier_train.models.controls import PARTS, VISION_BLOCKS, model_part, vision_depth
+from tarsier_train.models.families import PARTS, family_of
 
 
 def parameter_groups(model: torch.nn.Module, lr: NonNegativeFloat, weight_decay: NonNegativeFloat,
@@ -26,13 +26,14 @@ def parameter_groups(model: torch.nn.Module, lr: NonNegativeFloat, weight_decay:
     scale = {part: 1.0 for part in PARTS} | dict(lr_scale or {})
     if unknown := sorted(set(scale) - set(PARTS)):
         raise ValueError(f"optim.lr_scale.{unknown[0]}: not a model part (parts: {', '.join(PARTS)})")
-    num_blocks = len(model.get_submodule(VISION_BLOCKS.rstrip(".")))
+    family = family_of(model)
+    num_blocks = len(model.get_submodule(family.vision_blocks.rstrip(".")))
     groups: dict[tuple, dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        part, decays = model_part(name), parameter.ndim >= 2
-        depth = vision_depth(name, num_blocks) if part == "vision" else 0
+        part, decays = family.part(name), parameter.ndim >= 2
+        depth = family.vision_depth(name, num_blocks) if part == "vision" else 0
         label = {0: part, num_blocks + 1: "vision.patch_embed"}.get(depth, f"vision.block{num_blocks - depth}")
         group = groups.setdefault((PARTS.index(part), -depth, not decays), {
             "name": label + ("" if decays else "/no_decay"), "params": [],

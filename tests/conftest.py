@@ -25,11 +25,23 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(cache_root: Path) -> str:
-    from tarsier_train.models import tiny_qwen2_vl_dir
+# The families tarsier-train builds tiny models of. A test decorated with @EVERY_FAMILY (or @EVERY_QWEN_FAMILY, for
+# what only M-RoPE models have) runs once per family: its tiny_model_dir, processor and every fixture built on them
+# are that family's (each built once a session).
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = (*QWEN_FAMILIES, "tarsier1")
+EVERY_QWEN_FAMILY = pytest.mark.parametrize("tiny_model_dir", QWEN_FAMILIES, indirect=True)
+EVERY_FAMILY = pytest.mark.parametrize("tiny_model_dir", FAMILIES, indirect=True)
 
-    return tiny_qwen2_vl_dir(str(cache_root / "models"))
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(request: pytest.FixtureRequest, cache_root: Path) -> str:
+    from tarsier_train.models import tiny_qwen_vl_dir, tiny_tarsier1_dir
+
+    family = getattr(request, "param", "qwen2_vl")
+    if family == "tarsier1":
+        return tiny_tarsier1_dir(str(cache_root / "models"))
+    return tiny_qwen_vl_dir(str(cache_root / "models"), family=family)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from recipes.lm import LMRecipe
 from recipes.strategies import FSDP2Strategy
 from tarsier_train.data.collate import VideoTextCollator
 from tarsier_train.data.pairs import SharedPrefixPairCollator, pair_inputs
-from tarsier_train.data.packing import RopeIndex
+from tarsier_train.data.packing import rope_index_of
 from tarsier_train.data.records import canonical_sample
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.step_batches import StepLookahead
@@ -97,7 +97,7 @@ def recipe_and_collate(objective: str, model_dir: str, processor: Any) -> tuple[
     if objective == "dpo":
         return (DPORecipe(model, processor, optimizer, schedule,
                           DPOLossSettings(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])),
-                SharedPrefixPairCollator(pad, RopeIndex.from_pretrained(model_dir)))
+                SharedPrefixPairCollator(pad, rope_index_of(model_dir)))
     return LMRecipe(model, processor, optimizer, schedule), VideoTextCollator(pad)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from tarsier_train.data.chat_labels import OFFSET_KWARGS, ChatTemplateError, encoded_target_mask, target_mask
-from tarsier_train.data.packing import PackingCollator, RopeIndex
+from tarsier_train.data.packing import PackingCollator, rope_index_of
 from tarsier_train.data.pairs import (
     CHOSEN_TARGETS,
     REJECTED_TARGETS,
@@ -185,7 +185,7 @@ def test_shared_prefix_pair_targets_are_the_two_answers(transform, video, tiny_m
     answer = {"type": "text", "text": "", "chosen": "The red circle grows.", "rejected": "It moves left."}
     sample = canonical_sample("p", _record(_user(PROMPT, VIDEO_ITEM), {"role": "assistant", "content": [answer]}))
     pair = pair_inputs(transform, sample, transform.prepare(sample, [video]))
-    batch = SharedPrefixPairCollator(tokenizer.pad_token_id, RopeIndex.from_pretrained(tiny_model_dir))([pair])
+    batch = SharedPrefixPairCollator(tokenizer.pad_token_id, rope_index_of(tiny_model_dir))([pair])
     # targets are shifted (position t predicts t + 1): both answers' first tokens come from the prefix's last position
     answers = ((batch[CHOSEN_TARGETS][0], "The red circle grows."), (batch[REJECTED_TARGETS][0], "It moves left."))
     for targets, text in answers:
@@ -198,7 +198,7 @@ def test_packed_rows_label_each_samples_answers(transform, video, tiny_model_dir
                       [video])
     second = transform(canonical_sample("b", _record(_user("Which colour?"), _assistant("Red."), _user("Shape?"),
                                                      _assistant("A circle."))), [])
-    batch = PackingCollator(tokenizer.pad_token_id, RopeIndex.from_pretrained(tiny_model_dir))([first, second])
+    batch = PackingCollator(tokenizer.pad_token_id, rope_index_of(tiny_model_dir))([first, second])
     assert batch["input_ids"].shape[0] == 1  # one row holds both
     expected = [_answer_ids(tokenizer, text) for text in ("The red circle grows.", "Red.", "A circle.")]
     assert sorted(labelled_runs(batch["labels"][0])) == sorted(expected)

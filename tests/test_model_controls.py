@@ -66,7 +66,7 @@ def test_frozen_parts_stay_bit_identical_without_grads_or_optimizer_state(tiny_m
     before = _snapshot(model)
     optimizer = _train(model, batch)
     params = dict(model.named_parameters())
-    frozen_names = [n for n in params if model_part(n) in frozen]
+    frozen_names = [n for n in params if model_part(model, n) in frozen]
     assert frozen_names and all(not params[n].requires_grad and params[n].grad is None for n in frozen_names)
     assert all(torch.equal(params[n], before[n]) for n in frozen_names)
     trained = [n for n in params if n not in frozen_names]
@@ -96,7 +96,8 @@ def test_part_lrs_and_vision_layer_decay_are_exact_and_survive_the_schedule(tiny
         if ".blocks." in name:
             assert group.startswith(f"vision.block{name.split('.blocks.')[1].split('.')[0]}"), name
         else:
-            assert group.startswith({"vision": "vision.patch_embed"}.get(model_part(name), model_part(name))), name
+            part = model_part(model, name)
+            assert group.startswith({"vision": "vision.patch_embed"}.get(part, part)), name
     assert len(by_param) == sum(1 for _ in model.parameters())
 
     scheduler = warmup_cosine(optimizer, warmup_steps=2, total_steps=10, min_lr_ratio=0.1)

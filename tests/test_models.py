@@ -4,13 +4,13 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from tarsier_train.models import load_model, tiny_qwen2_vl_dir
+from tarsier_train.models import load_model, tiny_qwen_vl_dir
 from tarsier_train.models.tiny import SPECIAL_TOKENS
 
 
 def test_tiny_model_is_cached_and_reloads_with_transformers(tiny_model_dir, cache_root):
     files = {p.name: p.stat().st_mtime_ns for p in Path(tiny_model_dir).iterdir()}
-    assert tiny_qwen2_vl_dir(str(cache_root / "models")) == tiny_model_dir  # reused, not rebuilt
+    assert tiny_qwen_vl_dir(str(cache_root / "models")) == tiny_model_dir  # reused, not rebuilt
     assert {p.name: p.stat().st_mtime_ns for p in Path(tiny_model_dir).iterdir()} == files
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
@@ -32,7 +32,7 @@ def test_tokenizer_has_qwen2_vl_special_tokens_and_whole_toy_words(processor):
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):
-    other = tiny_qwen2_vl_dir(str(tmp_path))
+    other = tiny_qwen_vl_dir(str(tmp_path))
     a, b = load_model(tiny_model_dir), load_model(other)
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name

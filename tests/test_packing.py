@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 import webdataset as wds
+from conftest import EVERY_QWEN_FAMILY, FAMILIES
 
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, VideoTextCollator, model_inputs
-from tarsier_train.data.packing import PackingCollator, RopeIndex, pack_rows
+from tarsier_train.data.packing import PackingCollator, pack_rows, rope_index_of
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
@@ -45,7 +46,7 @@ def model(tiny_model_dir):
 
 
 def _collator(processor, tiny_model_dir, **kwargs) -> PackingCollator:
-    return PackingCollator(processor.tokenizer.pad_token_id, RopeIndex.from_pretrained(tiny_model_dir), **kwargs)
+    return PackingCollator(processor.tokenizer.pad_token_id, rope_index_of(tiny_model_dir), **kwargs)
 
 
 def _spans(collator: PackingCollator, samples: list[dict]) -> list[tuple[int, int, int]]:
@@ -74,6 +75,7 @@ def unpacked(samples, processor, model) -> list[tuple[torch.Tensor, torch.Tensor
     return out
 
 
+@EVERY_QWEN_FAMILY
 def test_each_sample_keeps_the_positions_the_model_gives_it_alone(samples, processor, tiny_model_dir, model):
     collator = _collator(processor, tiny_model_dir, max_tokens_per_row=700)
     batch = collator(samples)
@@ -81,9 +83,11 @@ def test_each_sample_keeps_the_positions_the_model_gives_it_alone(samples, proce
     for sample, (row, start, end) in zip(samples, _spans(collator, samples)):
         single = _alone(processor, sample)
         model.model.rope_deltas = None  # what a training forward of this sample alone computes
+        spacing = {"second_per_grid_ts": single["second_per_grid_ts"]} if "second_per_grid_ts" in single else {}
         expected = model.model.compute_3d_position_ids(
-            single["input_ids"], None, single.get("image_grid_thw"), single.get("video_grid_thw"),
-            single["attention_mask"], mm_token_type_ids=single["mm_token_type_ids"])
+            input_ids=single["input_ids"], inputs_embeds=None, image_grid_thw=single.get("image_grid_thw"),
+            video_grid_thw=single.get("video_grid_thw"), attention_mask=single["attention_mask"], cache=None,
+            mm_token_type_ids=single["mm_token_type_ids"], **spacing)
         if expected is None:  # text only: the language model counts 0, 1, 2, ... on all three rows
             expected = torch.arange(end - start).expand(3, 1, -1)
         assert torch.equal(batch["position_ids"][1:, row, start:end], expected[:, 0])
@@ -106,7 +110,11 @@ def test_packed_logits_equal_each_sample_alone(samples, processor, tiny_model_di
         torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", [{"max_tokens_per_row": 700}, {"max_tokens_per_row": 400}, {"single_row": True}])
+LAYOUTS = [{"max_tokens_per_row": 700}, {"max_tokens_per_row": 400}, {"single_row": True}]
+
+
+@pytest.mark.parametrize("tiny_model_dir,layout", [("qwen2_vl", layout) for layout in LAYOUTS] + [
+    (family, LAYOUTS[0]) for family in FAMILIES[1:]], indirect=["tiny_model_dir"])
 def test_packed_loss_equals_unpacked_loss(samples, processor, tiny_model_dir, model, unpacked, layout):
     """Sum of token cross-entropy and target count, packed vs one sample at a time (single_row: the
     flash-attn varlen layout, here run on sdpa, which reads the same boundaries from the positions)."""

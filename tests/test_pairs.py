@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import EVERY_FAMILY
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from datamodules.preference_pairs import pair_collator
 from tarsier_train.data.collate import VideoTextCollator, model_inputs
-from tarsier_train.data.packing import RopeIndex
+from tarsier_train.data.packing import rope_index_of
 from tarsier_train.data.pairs import (
     CHOSEN_TARGETS,
     REFERENCE_KEY,
@@ -26,12 +27,17 @@ from tarsier_train.data.pairs import (
 )
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
-from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
+from tarsier_train.data.transform import IGNORE_INDEX, VISUAL_INPUTS, VideoTextTransform
 from tarsier_train.data.video import encode_mp4
 from tarsier_train.losses.dpo import pair_logps, sequence_logps
 from tarsier_train.models import load_model
+from tarsier_train.models.families import family_of
 from tarsier_train.models.shared_media import pair_answer_logps, paired_logits
 from tarsier_train.toyworld import ToyWorldSpec, ensure_derived, generate_clip, render_frames
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_submodule(family_of(model).vision[0].rstrip("."))
 
 
 def _pair_record(chosen: str, rejected: str, reference=None) -> dict:
@@ -77,16 +83,17 @@ def test_collated_pairs_put_chosen_rows_first_and_media_once(pairs):
         PairCollator(0)([pairs[0], {k: v for k, v in pairs[1].items() if k != REFERENCE_KEY}])
 
 
+@EVERY_FAMILY
 def test_shared_media_forward_equals_each_row_with_its_own_media(pairs, tiny_model_dir, processor):
     model = load_model(tiny_model_dir)
     calls = []
-    model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    vision_tower(model).register_forward_hook(lambda *args: calls.append(1))
     batch = PairCollator(processor.tokenizer.pad_token_id)(pairs)
     shared = paired_logits(model, batch)
     assert len(calls) == 1  # one vision pass for all pairs and both answers
     rows = VideoTextCollator(processor.tokenizer.pad_token_id)
     for pair_index, pair in enumerate(pairs):
-        media = {k: pair[k] for k in ("pixel_values_videos", "video_grid_thw")}
+        media = {k: pair[k] for k in VISUAL_INPUTS if k in pair}
         for offset, name in ((0, "chosen"), (len(pairs), "rejected")):
             alone = model(**model_inputs(rows([{**pair[name], **media}])), use_cache=False).logits[0]
             n = len(alone)
@@ -114,7 +121,7 @@ def toyworld_pairs(tmp_path_factory, processor, pairs) -> list[dict]:
 @torch.no_grad()
 def _alone(model, pair: dict, name: str) -> torch.Tensor:
     """Per-token log-probs of one answer run as a plain row with its own media."""
-    media = {k: pair[k] for k in ("pixel_values_videos", "video_grid_thw") if k in pair}
+    media = {k: pair[k] for k in VISUAL_INPUTS if k in pair}
     batch = VideoTextCollator(0)([{**pair[name], **media}])
     logps = sequence_logps(model(**model_inputs(batch), use_cache=False).logits, batch["labels"])
     return logps.per_token[logps.mask]
@@ -126,7 +133,7 @@ def test_shared_prefix_row_masks_the_answers_off_each_other_and_continues_positi
     shared = shared_prefix_length(chosen, rejected)
     first_label = int((pair["chosen"]["labels"] != IGNORE_INDEX).nonzero()[0])
     assert processor.tokenizer.decode(chosen[first_label:shared]) == "The blue square"
-    batch = SharedPrefixPairCollator(0, RopeIndex.from_pretrained(tiny_model_dir))(pairs)
+    batch = SharedPrefixPairCollator(0, rope_index_of(tiny_model_dir))(pairs)
     num_chosen, length = len(chosen), len(chosen) + len(rejected) - shared
     row = batch["input_ids"][1]
     assert torch.equal(row[:length], torch.cat([chosen, rejected[shared:]])) and (row[length:] == 0).all()
@@ -153,11 +160,12 @@ def test_shared_prefix_row_masks_the_answers_off_each_other_and_continues_positi
     assert batch["pixel_values_videos"].shape[0] == sum(int(g.prod()) for g in batch["video_grid_thw"])
 
 
+@EVERY_FAMILY
 def test_shared_prefix_logps_equal_two_rows_and_each_answer_alone(toyworld_pairs, tiny_model_dir):
     model = load_model(tiny_model_dir)  # sdpa
     calls = []
-    model.model.visual.register_forward_hook(lambda *args: calls.append(1))
-    layouts = {"shared_prefix": SharedPrefixPairCollator(0, RopeIndex.from_pretrained(tiny_model_dir)),
+    vision_tower(model).register_forward_hook(lambda *args: calls.append(1))
+    layouts = {"shared_prefix": SharedPrefixPairCollator(0, rope_index_of(tiny_model_dir)),
                "two_rows": PairCollator(0)}
     logps, grads = {}, {}
     for name, collate in layouts.items():
@@ -188,7 +196,7 @@ def test_shared_prefix_logps_equal_two_rows_and_each_answer_alone(toyworld_pairs
 
 @torch.no_grad()
 def test_eager_attention_gets_the_shared_prefix_mask_as_an_additive_one(toyworld_pairs, tiny_model_dir):
-    batch = SharedPrefixPairCollator(0, RopeIndex.from_pretrained(tiny_model_dir))(toyworld_pairs)
+    batch = SharedPrefixPairCollator(0, rope_index_of(tiny_model_dir))(toyworld_pairs)
     sdpa, eager = (pair_answer_logps(load_model(tiny_model_dir, attn_implementation=attention), batch)
                    for attention in ("sdpa", "eager"))
     for expected, actual in zip(sdpa, eager, strict=True):

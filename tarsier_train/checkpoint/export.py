@@ -22,7 +22,8 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from tarsier_train.models.controls import build_model, merge_adapters
 from tarsier_train.models.load import MODEL_DTYPES, load_processor, local_model_dir
-from tarsier_train.models.tiny import tiny_qwen2_vl_dir
+from tarsier_train.models.tarsier1 import tiny_tarsier1_dir
+from tarsier_train.models.tiny import tiny_qwen_vl_dir
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 # these with the config's plain values, and never imports a `_target_` read from a file beside a checkpoint.
 MODEL_DIR_BUILDERS: dict[str, Callable[..., str]] = {
     f"{module}.{builder.__name__}": builder
-    for builder in (tiny_qwen2_vl_dir, local_model_dir) for module in ("tarsier_train.models", builder.__module__)
+    for builder in (tiny_qwen_vl_dir, tiny_tarsier1_dir, local_model_dir) for module in ("tarsier_train.models", builder.__module__)
 }
 PLAIN_VALUES = (str, int, float, bool, type(None))
 
@@ -163,7 +164,7 @@ def run_model_dir(cfg: DictConfig, config_path: Path) -> str:
     """The model directory the run built its model from, as train.py chose it (init_from, else model.dir), read
     from its saved config as plain data: a builder named in MODEL_DIR_BUILDERS with plain keyword values."""
     if cfg.get("init_from"):
-        return local_model_dir(str(cfg.init_from), key="init_from")
+        return local_model_dir(str(cfg.init_from), key="init_from", converted_dir=f"{cfg.cache_root}/converted")
     arguments = OmegaConf.to_container(cfg.model.dir, resolve=True)
     target = arguments.pop("_target_", None)
     if target not in MODEL_DIR_BUILDERS:

@@ -1,6 +1,7 @@
 """Padding-free packing: several samples share a row, each with its own M-RoPE positions and attention.
 
-The batch carries 4-row `position_ids` (text positions, then Qwen2-VL's 3 M-RoPE rows) and no
+The batch carries 4-row `position_ids` (text positions, then Qwen-VL's 3 M-RoPE rows; plain positions alone for
+Tarsier1's Llama) and no
 `attention_mask`: transformers (5.x) then finds the sample boundaries where the text positions restart
 at 0 and keeps attention inside each sample — a block-diagonal causal mask for sdpa/eager/flex
 (masking_utils.find_packed_sequence_indices), flash-attn varlen for flash_attention_2
@@ -21,6 +22,7 @@ from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
 from tarsier_train.data.skips import batch_skips
 from tarsier_train.data.stream import POSITION_KEY
 from tarsier_train.data.transform import IGNORE_INDEX, TRUNCATED_KEY, VISUAL_INPUTS
+from tarsier_train.models.families import family_of
 
 GRID_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")  # what get_rope_index reads
 
@@ -36,10 +38,6 @@ class RopeIndex:
         if not hasattr(self._model_class, "get_rope_index"):
             raise TypeError(f"{self._model_class.__name__} has no get_rope_index: not an M-RoPE model")
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str) -> RopeIndex:
-        return cls(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-
     def get_vision_position_ids(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._model_class.get_vision_position_ids(self, *args, **kwargs)
 
@@ -49,6 +47,24 @@ class RopeIndex:
         positions, _ = self._model_class.get_rope_index(
             self, sample["input_ids"][None], mm_token_type_ids=sample["mm_token_type_ids"][None], **grids)
         return positions[:, 0]
+
+
+def rope_index_of(model_dir: str) -> RopeIndex | None:
+    """The model's M-RoPE index, or None for a family with plain 1-D positions (Tarsier1's Llama)."""
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    return RopeIndex(config) if family_of(config).mrope else None
+
+
+def sample_positions(rope_index: RopeIndex | None, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(4, n) for M-RoPE: text positions 0..n-1, then the model's own 3 rows for this sample alone; (1, n) plain."""
+    text = torch.arange(len(sample["input_ids"]))[None]
+    return text if rope_index is None else torch.cat([text, rope_index(sample)])
+
+
+def stacked_positions(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row (k, width) positions -> the model's position_ids: (4, rows, width) M-RoPE, (rows, width) plain."""
+    positions = torch.stack(rows, dim=1)
+    return positions[0] if len(positions) == 1 else positions
 
 
 def pack_rows(lengths: list[int], max_tokens_per_row: int) -> list[list[int]]:
@@ -103,7 +119,7 @@ class PackingCollator:
     """Transformed samples -> rows of packed samples (padding only at each row's end), model-ready."""
 
     pad_token_id: int
-    rope_index: RopeIndex
+    rope_index: RopeIndex | None  # None: plain positions
     max_tokens_per_row: int = 16384
     # flash_attention_2: transformers detects packing from position ids only in a batch of one row,
     # so every sample goes into one unpadded row (the DataLoader batch size bounds its length).
@@ -121,7 +137,7 @@ class PackingCollator:
         packed = [self._row([samples[i] for i in row], width) for row in rows]
         batch = {name: torch.stack([row[name] for row in packed])
                  for name in ("input_ids", "labels", "mm_token_type_ids")}
-        batch["position_ids"] = torch.stack([row["position_ids"] for row in packed], dim=1)  # (4, rows, width)
+        batch["position_ids"] = stacked_positions([row["position_ids"] for row in packed])
         in_order = [samples[i] for row in rows for i in row]
         for name in VISUAL_INPUTS:  # the model fills visual tokens in flattened (row, position) order
             if any(name in s for s in in_order):
@@ -137,7 +153,6 @@ class PackingCollator:
     def _row(self, samples: list[dict[str, Any]], width: int) -> dict[str, torch.Tensor]:
         input_ids, labels, types, positions = [], [], [], []
         for sample in samples:
-            n = len(sample["input_ids"])
             input_ids.append(sample["input_ids"])
             # Position t predicts label t+1: a sample's first label would be predicted from the previous
             # sample's last token. Unpacked, label 0 is never a target, so masking it changes nothing.
@@ -146,12 +161,12 @@ class PackingCollator:
             labels.append(label)
             types.append(sample["mm_token_type_ids"])
             # text positions restart at 0 per sample: that restart is how transformers finds boundaries
-            positions.append(torch.cat([torch.arange(n)[None], self.rope_index(sample)]))
+            positions.append(sample_positions(self.rope_index, sample))
         pad = width - sum(len(i) for i in input_ids)
         if pad:  # the padding is a sequence of its own (positions from 0), so no sample attends to it
             input_ids.append(torch.full((pad,), self.pad_token_id, dtype=input_ids[0].dtype))
             labels.append(torch.full((pad,), IGNORE_INDEX, dtype=labels[0].dtype))
             types.append(torch.zeros(pad, dtype=types[0].dtype))
-            positions.append(torch.arange(pad).expand(4, -1))
+            positions.append(torch.arange(pad).expand(len(positions[0]), -1))
         return {"input_ids": torch.cat(input_ids), "labels": torch.cat(labels), "mm_token_type_ids": torch.cat(types),
                 "position_ids": torch.cat(positions, dim=1)}

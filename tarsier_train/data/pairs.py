@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY, VideoTextCollator
-from tarsier_train.data.packing import GRID_INPUTS, RopeIndex
+from tarsier_train.data.packing import GRID_INPUTS, RopeIndex, sample_positions, stacked_positions
 from tarsier_train.data.record_check import BAD_ANSWERS, RecordError, extra_info
 from tarsier_train.data.records import VideoTextSample
 from tarsier_train.data.skips import batch_skips
@@ -132,7 +132,7 @@ class SharedPrefixPairCollator:
     """
 
     pad_token_id: int
-    rope_index: RopeIndex
+    rope_index: RopeIndex | None  # None: plain positions
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [self._row(pair) for pair in pairs]
@@ -144,8 +144,8 @@ class SharedPrefixPairCollator:
                  for name, value in fill.items()}
         batch["attention_mask"] = shared_prefix_mask(batch.pop("segments"))
         # the padding's positions are those of a sequence of its own; the mask already isolates it
-        batch["position_ids"] = torch.stack([torch.cat([row["position_ids"], torch.arange(
-            width - row["position_ids"].shape[1]).expand(4, -1)], dim=1) for row in rows], dim=1)  # (4, rows, width)
+        batch["position_ids"] = stacked_positions([torch.cat([row["position_ids"], torch.arange(
+            width - row["position_ids"].shape[1]).expand(len(row["position_ids"]), -1)], dim=1) for row in rows])
         real = sum(len(row["input_ids"]) for row in rows)
         batch[NON_PAD_FRACTION_KEY] = torch.tensor(real / batch["input_ids"].numel(), dtype=torch.float64)
         batch[TRUNCATED_KEY] = torch.tensor(sum(pair[name].get(TRUNCATED_KEY, 0) for pair in pairs
@@ -153,9 +153,8 @@ class SharedPrefixPairCollator:
         return {**batch, **_pair_bookkeeping(pairs)}
 
     def _positions(self, sequence: dict[str, Any], grids: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(4, n): text positions, then the M-RoPE positions the model gives this sequence alone."""
-        rope = self.rope_index({**sequence, **grids})
-        return torch.cat([torch.arange(rope.shape[1])[None], rope])
+        """(4, n): text positions, then the M-RoPE positions the model gives this sequence alone; (1, n) plain."""
+        return sample_positions(self.rope_index, {**sequence, **grids})
 
     def _row(self, pair: dict[str, Any]) -> dict[str, torch.Tensor]:
         chosen, rejected = pair[CHOSEN], pair[REJECTED]

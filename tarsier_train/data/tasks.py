@@ -33,6 +33,7 @@ class Visual:
     kind: Literal["video", "image"]
     pixels: np.ndarray  # video: (T, H, W, 3) frames in the order the model sees them; image: (H, W, 3)
     seconds_per_frame: float | None = None  # video: time between sampled frames (Qwen2.5-VL's temporal spacing)
+    times: tuple[float, ...] | None = None  # video: each sampled frame's time in seconds (Qwen3-VL's timestamps)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,10 @@ from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.tasks import TaskInput, Visual, render_task
 from tarsier_train.data.video import (ChooseFrames, VideoBackendName, check_backend, decode_image, decode_pixel_budget,
                                       read_frames, seconds_between)
+from tarsier_train.models.families import processor_family
 
 IGNORE_INDEX = -100
+TICKS_PER_SECOND = 1000  # the time resolution handed to the processor (video_metadata)
 log = logging.getLogger(__name__)
 
 
@@ -58,16 +60,27 @@ class VideoTextTransform:
 
     def __post_init__(self) -> None:
         check_backend(self.video_backend)
+        self.family = processor_family(self.processor)
         check_template_labels(self.processor)  # a template that labels nothing fails here, not after a week
 
     def frame_pixel_bounds(self, num_frames: int) -> dict[str, int]:
-        """The processor's `size` for a clip of num_frames frames; the lower bound wins over the budget."""
-        size = self.processor.video_processor.size
-        lower = self.min_pixels or size["shortest_edge"]
-        upper = self.max_pixels or size["longest_edge"]
+        """Per-frame pixel bounds for a clip of num_frames frames; the lower bound wins over the budget."""
+        lower = self.min_pixels or self._processor_bound("shortest_edge", num_frames)
+        upper = self.max_pixels or self._processor_bound("longest_edge", num_frames)
         if self.total_pixels:
             upper = min(upper, self.total_pixels // num_frames)
         return {"shortest_edge": lower, "longest_edge": max(lower, upper)}
+
+    def _processor_bound(self, edge: str, num_frames: int) -> int:
+        """The video processor's own bound, per frame (Qwen3-VL's bounds a whole clip)."""
+        bound = self.processor.video_processor.size[edge]
+        return bound // num_frames if self.family.video_pixels_per_clip else bound
+
+    def video_size(self, num_frames: int) -> dict[str, int]:
+        """The video processor's `size` for a clip of num_frames frames (as fed: duplicates included)."""
+        bounds = self.frame_pixel_bounds(num_frames)
+        return {edge: pixels * num_frames for edge, pixels in bounds.items()} if self.family.video_pixels_per_clip \
+            else bounds
 
     def prepare(self, sample: VideoTextSample, media: Sequence[bytes],
                 rng: np.random.Generator | None = None) -> TaskInput:
@@ -80,22 +93,40 @@ class VideoTextTransform:
                 continue
             frames, indices, fps = self.read_video(
                 data, lambda num_frames, fps: self.sampler.indices(item["video"], num_frames, fps, rng))
-            visuals.append(Visual("video", frames, seconds_between(indices, fps)))
+            visuals.append(Visual("video", frames, seconds_between(indices, fps), tuple(i / fps for i in indices)))
         return render_task(sample, tuple(visuals), indices, rng)
 
     def read_video(self, data: bytes, choose: ChooseFrames) -> tuple[np.ndarray, list[int], float]:
         """The chosen frames of a video (`read_frames`), with this transform's backend and time limit, scaled down
         while decoded to what the processor will keep at most (its per-frame maximum; total_pixels only lowers it)."""
-        max_pixels = decode_pixel_budget(self.max_pixels or self.processor.video_processor.size["longest_edge"])
+        if self.family.fixed_frame_size:  # stretched to the ViT's square
+            size = self.processor.image_processor.size
+            max_pixels = decode_pixel_budget(size["height"] * size["width"])
+        else:  # a clip's frame count is not known yet: bound by the fewest frames the ViT takes (one temporal step)
+            max_pixels = decode_pixel_budget(self.max_pixels or self._processor_bound("longest_edge", 2))
         return read_frames(data, choose, self.video_backend, self.decode_timeout_s, max_pixels=max_pixels)
 
     def processor_frames(self, frames: np.ndarray) -> np.ndarray:
-        """Frames as the ViT takes them: each duplicated (Tarsier2), or paired with an even count (native)."""
+        """Frames as the ViT takes them: each duplicated (Tarsier2), or paired with an even count (native); as they
+        are for a per-frame encoder (Tarsier1)."""
+        if self.family.frames_per_step == 1:
+            return frames
         if self.duplicate_frames:
             return np.repeat(frames, 2, axis=0)
         if len(frames) % 2:
             return np.concatenate([frames, frames[-1:]])
         return frames
+
+    def video_metadata(self, video: Visual) -> VideoMetadata:
+        """The frames fed to the processor as a clip at TICKS_PER_SECOND: their times are its frame indices (so
+        Qwen3-VL's timestamps average each temporal step's two times), and its length makes the fed frame rate
+        Qwen2.5-VL's sampled_fps (its second_per_grid_ts is then the sampled frames' spacing)."""
+        times = video.times or tuple(i * video.seconds_per_frame for i in range(len(video.pixels)))
+        fed_times = self.processor_frames(np.asarray(times, dtype=np.float64))
+        fed_per_sampled = 2 if self.duplicate_frames else 1
+        span = len(fed_times) * video.seconds_per_frame / fed_per_sampled
+        return VideoMetadata(total_num_frames=max(1, round(span * TICKS_PER_SECOND)), fps=TICKS_PER_SECOND,
+                             frames_indices=[round(t * TICKS_PER_SECOND) for t in fed_times])
 
     def _user(self, visuals: Sequence[Visual], text: str) -> dict[str, Any]:
         content = [{"type": visual.kind, visual.kind: self.processor_frames(visual.pixels)
@@ -121,18 +152,17 @@ class VideoTextTransform:
                 processor_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         videos = [visual for visual in task_input.visuals if visual.kind == "video"]
         processor_kwargs = dict(processor_kwargs or {})
-        if videos:
-            # Frames were sampled above: the processor must not resample them; our budget replaces its cap.
-            # The metadata makes Qwen2.5-VL's temporal spacing (second_per_grid_ts) the sampled one:
-            # a temporal step holds 2 frames fed, i.e. one sampled frame (duplicated) or two (native).
-            fed_per_sampled = 2 if self.duplicate_frames else 1
-            metadata = [VideoMetadata(total_num_frames=1, fps=fed_per_sampled / v.seconds_per_frame,
-                                      frames_indices=[0]) for v in videos]
+        if videos and not self.family.fixed_frame_size:
+            # Frames were sampled above: the processor must not resample them; our budget replaces its cap. The
+            # metadata carries the sampled frames' times: Qwen2.5-VL's temporal spacing (second_per_grid_ts) and
+            # Qwen3-VL's timestamps in the prompt come from them.
+            fed = [len(self.processor_frames(v.pixels)) for v in videos]
             processor_kwargs["videos_kwargs"] = {
-                "do_sample_frames": False, "cap_pixels_per_frame": False, "video_metadata": metadata,
-                "size": self.frame_pixel_bounds(max(len(self.processor_frames(v.pixels)) for v in videos)),
+                "do_sample_frames": False, "cap_pixels_per_frame": False,
+                "video_metadata": [self.video_metadata(v) for v in videos], "size": self.video_size(max(fed)),
             }
-        if len(videos) < len(task_input.visuals) and (self.min_pixels or self.max_pixels):
+        if len(videos) < len(task_input.visuals) and (self.min_pixels or self.max_pixels) and \
+                not self.family.fixed_frame_size:
             processor_kwargs["images_kwargs"] = {"size": self.frame_pixel_bounds(1)}
         return self.processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
                                                   processor_kwargs=processor_kwargs, **kwargs)

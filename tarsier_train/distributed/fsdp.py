@@ -1,4 +1,4 @@
-"""FSDP2 for Qwen2-VL-style models: `fully_shard` on each ViT block, the merger and each decoder layer, then the
+"""FSDP2 for our model families: `fully_shard` on each ViT block, the projector and each decoder layer, then the
 root, with the hooks that keep every rank's collectives in the same order whatever its batch holds."""
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from torch.distributed.fsdp import (
 )
 from transformers import PreTrainedModel
 
-from tarsier_train.models.controls import VISION_BLOCKS
+from tarsier_train.models.families import family_of
 
 log = logging.getLogger(__name__)
 
 MixedPrecision = Literal["bf16", "fp32"]
-MERGER = "model.visual.merger"
-VISION_STEM = "model.visual.patch_embed"
-DECODER_LAYERS = "model.language_model.layers."
 # Entry points besides forward(): shared media for DPO and the text-only dummy vision term call the ViT through
 # get_*_features, generate() encodes media through the base model. FSDP2 all-gathers the root's parameters (the
 # patch embedding among them) around them as around forward(), and the root is the first unit to run whichever
@@ -46,25 +43,27 @@ def mixed_precision_policy(mixed_precision: MixedPrecision) -> MixedPrecisionPol
 
 def shard_unit_names(model: PreTrainedModel) -> list[str]:
     """The modules that become FSDP units, in forward order: the ViT blocks and decoder layers (the model's
-    `_no_split_modules` classes) with the merger between them. The root keeps the rest: patch and token embeddings,
-    final norm, lm_head (tied or not)."""
+    `_no_split_modules` classes) with the family's projector between them. The root keeps the rest: patch and token
+    embeddings, final norm, lm_head (tied or not)."""
+    family = family_of(model)
     blocks = [name for name, module in model.named_modules() if type(module).__name__ in model._no_split_modules]
-    vision = [name for name in blocks if name.startswith(VISION_BLOCKS)]
-    llm = [name for name in blocks if name.startswith(DECODER_LAYERS)]
+    vision = [name for name in blocks if name.startswith(family.vision_blocks)]
+    llm = [name for name in blocks if name.startswith(family.decoder_layers)]
     if not vision or not llm or len(vision) + len(llm) != len(blocks):
-        raise ValueError(f"{type(model).__name__}: expected Qwen2-VL-style blocks under {VISION_BLOCKS} and "
-                         f"{DECODER_LAYERS} (classes {sorted(model._no_split_modules)}), found {blocks}")
-    return vision + [MERGER] + llm
+        raise ValueError(f"{type(model).__name__}: expected {family.name} blocks under {family.vision_blocks} and "
+                         f"{family.decoder_layers} (classes {sorted(model._no_split_modules)}), found {blocks}")
+    return vision + list(family.projector_units) + llm
 
 
 def _runs_backward(model: PreTrainedModel, names: list[str]) -> list[bool]:
     """Whether each unit's output requires grad, i.e. FSDP2 runs its pre-backward: a vision unit when anything from
-    the patch embedding up to it trains; every decoder layer whenever anything trains (`_inputs_require_grad`)."""
+    the stem up to it trains; every decoder layer whenever anything trains (`_inputs_require_grad`)."""
+    family = family_of(model)
     anything = any(p.requires_grad for p in model.parameters())
-    upstream = any(p.requires_grad for p in model.get_submodule(VISION_STEM).parameters())
+    upstream = any(p.requires_grad for name, p in model.named_parameters() if name.startswith(family.vision_stem))
     runs = []
     for name in names:
-        if name.startswith(DECODER_LAYERS):
+        if name.startswith(family.decoder_layers):
             runs.append(anything)
         else:
             upstream = upstream or any(p.requires_grad for p in model.get_submodule(name).parameters())
@@ -111,7 +110,8 @@ def shard_model(model: PreTrainedModel, device_mesh: DeviceMesh, mixed_precision
     # The root keeps its parameters from forward to backward (FSDP2's default for the root) when it trains.
     root = fully_shard(model, mesh=device_mesh, mp_policy=policy, reshard_after_forward=None if trains else True)
     for method in ROOT_METHODS:
-        register_fsdp_forward_method(root, method)
+        if hasattr(root, method):  # LLaVA (Tarsier1) has no get_video_features: its frames are images
+            register_fsdp_forward_method(root, method)
     model._is_fsdp_managed_module = True  # transformers' generate() then keeps ranks in step (synced_gpus)
     if trains:
         _inputs_require_grad(model)

@@ -1,4 +1,4 @@
-"""What trains: freeze or train each part of a Qwen2-VL-style model, LoRA adapters through peft, activation
+"""What trains: freeze or train each part (vision, merger, llm) of a model of any family (`families.py`), LoRA adapters through peft, activation
 checkpointing; and folding the adapters back in for a plain Hugging Face export."""
 
 from __future__ import annotations
@@ -11,41 +11,17 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
+from tarsier_train.models.families import PARTS, family_of
 from tarsier_train.models.load import load_model
 
 log = logging.getLogger(__name__)
 
-# The parts of Qwen2-VL / Qwen2.5-VL (transformers 5.x parameter names). Checked in order: the merger lives inside
-# the vision tower's module, so it is matched before the tower.
-PART_PREFIXES = {
-    "merger": ("model.visual.merger.",),
-    "vision": ("model.visual.",),
-    "llm": ("model.language_model.", "lm_head."),
-}
-PARTS = ("llm", "merger", "vision")  # the LLM first: the recipe logs the first optimiser group's lr as train/lr
-VISION_BLOCKS = "model.visual.blocks."
-VISION_STEM = "model.visual.patch_embed."
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def model_part(name: str) -> str:
-    """The part ("vision", "merger" or "llm") a parameter belongs to, from its name."""
-    for part, prefixes in PART_PREFIXES.items():
-        if name.startswith(prefixes):
-            return part
-    raise ValueError(f"parameter {name!r} is in no known part ({', '.join(PARTS)}): the model controls know "
-                     "Qwen2-VL-style models (model.visual, model.visual.merger, model.language_model, lm_head)")
-
-
-def vision_depth(name: str, num_blocks: int) -> int:
-    """How many layers sit between a vision parameter and the merger, BEiT-style: the patch embedding is
-    num_blocks + 1 deep, block i is num_blocks - i deep (the last block 1). Layer-wise LR decay is decay ** depth."""
-    if name.startswith(VISION_BLOCKS):
-        return num_blocks - int(name[len(VISION_BLOCKS):].split(".")[0])
-    if name.startswith(VISION_STEM):
-        return num_blocks + 1
-    raise ValueError(f"vision parameter {name!r} is neither in {VISION_STEM} nor in {VISION_BLOCKS}: "
-                     "no layer-wise LR decay depth for it")
+def model_part(model: torch.nn.Module, name: str) -> str:
+    """The part ("vision", "merger" or "llm") a parameter of this model belongs to, from its name and family."""
+    return family_of(model).part(name)
 
 
 def adapter_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -70,16 +46,17 @@ def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05,
 
 def set_trainable(model: torch.nn.Module, trainable: Mapping[str, bool]) -> None:
     """requires_grad per part. Adapter weights always train; the weights they adapt stay frozen, so a part that
-    holds adapters cannot also be trained in full."""
-    adapters = adapter_parameter_names(model)
-    doubled = sorted({model_part(name) for name in adapters if trainable[model_part(name)]})
+    holds adapters cannot also be trained in full. Parameters the forward never uses (`idle_parameters`) stay frozen."""
+    family = family_of(model)
+    adapters, part, idle = adapter_parameter_names(model), family.part, family.idle_parameters(model)
+    doubled = sorted({part(name) for name in adapters if trainable[part(name)]})
     if doubled:
         raise ValueError(
             "model.lora puts adapters into " + ", ".join(doubled) + ", which model.trainable also trains in full: "
             + " ".join(f"model.trainable.{part}=false" for part in doubled) + " (train the adapters only), "
             "or model.lora.rank=0 (no LoRA)")
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name in adapters or trainable[model_part(name)])
+        parameter.requires_grad_((name in adapters or trainable[part(name)]) and not name.startswith(idle))
 
 
 def build_model(model_dir: str, dtype: str = "float32", attn_implementation: str = "sdpa",

@@ -21,6 +21,17 @@ def pair_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {name: value for name, value in model_inputs(batch).items() if name not in PAIR_BOOKKEEPING}
 
 
+def _for_both_rows(encoded: BaseModelOutputWithPooling) -> BaseModelOutputWithPooling:
+    """The ViT's per-item features listed twice: once for the chosen rows, once for the rejected rows. Qwen3-VL's
+    DeepStack features (early ViT layers' features, added into the first LLM layers) are per item too."""
+    doubled = BaseModelOutputWithPooling(pooler_output=tuple(encoded.pooler_output) * 2)
+    if getattr(encoded, "deepstack_features", None) is not None:
+        encoded.pooler_output = doubled.pooler_output
+        encoded.deepstack_features = [tuple(layer) * 2 for layer in encoded.deepstack_features]
+        return encoded
+    return doubled
+
+
 def paired_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a pair batch (chosen rows, then rejected rows; `tarsier_train.data.pairs.PairCollator`).
 
@@ -32,11 +43,11 @@ def paired_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
     if "pixel_values_videos" in inputs:
         video = model.get_video_features(pixel_values_videos=inputs.pop("pixel_values_videos"),
                                          video_grid_thw=inputs["video_grid_thw"], return_dict=True)
-        encoded["video"] = BaseModelOutputWithPooling(pooler_output=tuple(video.pooler_output) * 2)
+        encoded["video"] = _for_both_rows(video)
     if "pixel_values" in inputs:
-        image = model.get_image_features(pixel_values=inputs.pop("pixel_values"),
-                                         image_grid_thw=inputs["image_grid_thw"], return_dict=True)
-        encoded["image"] = BaseModelOutputWithPooling(pooler_output=tuple(image.pooler_output) * 2)
+        grid = {"image_grid_thw": inputs["image_grid_thw"]} if "image_grid_thw" in inputs else {}  # Qwen's
+        image = model.get_image_features(pixel_values=inputs.pop("pixel_values"), **grid, return_dict=True)
+        encoded["image"] = _for_both_rows(image)
     for name in GRID_INPUTS:  # per media item: the rejected rows hold the same items again
         if name in inputs:
             inputs[name] = torch.cat([inputs[name], inputs[name]])

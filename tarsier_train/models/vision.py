@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from tarsier_train.models.families import dummy_vision_inputs
+
 
 def dummy_vision_term(model: PreTrainedModel) -> torch.Tensor:
-    """0 x the vision tower's output on its smallest input (one merged token). Added to a text-only batch's
+    """0 x the vision tower's output on its smallest input (`dummy_vision_inputs`). Added to a text-only batch's
     loss, it runs every vision parameter forward and backward, so sharded ranks issue the same collectives
-    whatever their batch holds (DESIGN.md), at the cost of a few patches."""
-    config = model.config.vision_config
-    merge = config.spatial_merge_size
-    patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
-    parameter = next(model.model.visual.parameters())
-    pixels = torch.zeros(merge * merge, patch_dim, device=parameter.device, dtype=parameter.dtype)
-    grid = torch.tensor([[1, merge, merge]], device=parameter.device)
-    features = model.get_video_features(pixel_values_videos=pixels, video_grid_thw=grid).pooler_output
+    whatever their batch holds (DESIGN.md), at the cost of a few patches. Qwen3-VL's DeepStack features count too:
+    their mergers must get gradients on every rank."""
+    encoded = model.get_image_features(**dummy_vision_inputs(model), return_dict=True)
+    features = list(encoded.pooler_output)
+    for layer in getattr(encoded, "deepstack_features", None) or ():
+        features.extend(layer)
     return sum(feature.float().sum() for feature in features) * 0.0
 
 
