@@ -47,8 +47,8 @@ def _overrides(group: str, option: str) -> list[str]:
 
 
 def _required_values(group: str, option: str) -> list[str]:
-    if (group, option) == ("model", "qwen2_vl"):
-        return ["model.path=/models/qwen"]
+    if (group, option) in (("model", "qwen2_vl"), ("model", "qwen2_5_vl"), ("model", "qwen3_vl"), ("model", "tarsier1")):
+        return ["model.path=/models/local"]
     if (group, option) in (("data", "shards"), ("data", "pairs"), ("data", "sampling")):
         return ["data.train_shards=/d/train-*.tar", "data.val_shards=/d/val-*.tar"]
     if (group, option) == ("data", "mixture"):

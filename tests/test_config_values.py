@@ -61,7 +61,11 @@ def _problems(*overrides: str) -> str:
     # unknown and missing keys of the groups without a _target_
     (["+optim.lr_decay=0.5"], "optim.lr_decay: unknown key (allowed: betas, eps, grad_clip, lr, lr_scale, "
                               "min_lr_ratio, vision_layer_decay, warmup_steps, weight_decay)"),
-    (["+model.lora.bias=none"], "model.lora.bias: unknown key (allowed: alpha, dropout, rank, target_modules)"),
+    (["+model.lora.bias=none"], "model.lora.bias: unknown key (allowed: alpha, dropout, parts, rank, target_modules)"),
+    (["model.lora.parts=[llm,bogus]"], "model.lora.parts[1]='bogus': allowed values are llm, merger, vision"),
+    # the model families' keys
+    (["model.dir.family=qwen9"], "model.dir.family='qwen9': allowed values are qwen2_vl, qwen2_5_vl, qwen3_vl"),
+    (["model=tiny_tarsier1", "model.dir.image_size=0"], "model.dir.image_size=0: must be >= 1"),
     (["+optim.lr_scale.decoder=2"], "optim.lr_scale.decoder: unknown key (allowed: llm, merger, vision)"),
     (["~optim.eps"], "optim.eps: required value is missing"),
     (["data.sources=[{weight: 1.0}]"], "data.sources[0].shards: required value is missing"),

@@ -1,6 +1,7 @@
-"""Model families: every Qwen family's tiny model trains end to end through train.py, exports, reloads and generates;
-its parameters all belong to a part; a released Tarsier2 directory is a model.path. (Packing, both DPO pair layouts
-and FSDP2 are checked per family in test_packing, test_pairs and test_fsdp.)"""
+"""Model families: each family's tiny model goes through every stage of train.py (pre-training, grounded SFT with
+LoRA, the sampler, DPO), exports, reloads and generates; its parameters all belong to a part; a released Tarsier2
+directory is a model.path. (Packing, both DPO pair layouts and FSDP2 are checked per family in test_packing,
+test_pairs and test_fsdp; test_tarsier1 and test_convert check the released layouts.)"""
 
 import json
 
@@ -15,16 +16,17 @@ from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.distributed.fsdp import shard_unit_names
 from tarsier_train.models import load_model, load_processor, tiny_qwen_vl_dir, tiny_tarsier1_dir
-from tarsier_train.models.controls import build_model
+from tarsier_train.models.controls import LLM_PROJECTIONS, build_model
 from tarsier_train.models.families import PARTS, family_of
 from tarsier_train.optim import parameter_groups
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
-from conftest import EVERY_FAMILY, FAMILIES, QWEN_FAMILIES, REPO, TINY_DATA, losses_by_step, run_train
+from conftest import EVERY_FAMILY, REPO, TINY_DATA, losses_by_step, run_train
 from test_convert import released_tarsier2_dir
+from test_sampler import SAMPLE
 
-SHORT = ["recipe=sft", *TINY_DATA, "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "logger=csv",
-         "trainer.max_steps=2", "data.packing=true"]
+FEW_STEPS = [*TINY_DATA, "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
+             "trainer.log_every_n_steps=1", "data.num_val_clips=2"]
 
 
 @EVERY_FAMILY
@@ -47,28 +49,50 @@ def test_every_parameter_is_in_a_part_and_every_block_in_a_shard(tiny_model_dir)
     assert deepest == pytest.approx(0.5 ** (num_blocks + 1))
 
 
-@pytest.fixture(scope="module", params=FAMILIES[1:])
-def family_run(request, tmp_path_factory, cache_root):
-    """`python train.py recipe=sft model=tiny_<family>` with packing, two steps, validation and export."""
-    cwd = tmp_path_factory.mktemp(request.param)
-    run_train([*SHORT, f"model=tiny_{request.param}"], cwd=cwd, cache_root=cache_root)
-    return request.param, cwd / "outputs" / "sft"
+# The families whose modules differ from Qwen2-VL's (Qwen2.5-VL has its modules: its M-RoPE spacing is checked by
+# test_packing, test_pairs and test_media).
+@pytest.fixture(scope="module", params=["qwen3_vl", "tarsier1"])
+def family_chain(request, tmp_path_factory, cache_root):
+    """One family through every stage of train.py, each initialised from the last: multi-task pre-training
+    (packed), grounded SFT with LoRA adapters on the frozen LLM, the preference sampler, DPO on the sampled pairs
+    (two_rows layout, frozen reference). test_stages, test_sampler and test_dpo run the same stages for Qwen2-VL."""
+    family, cwd = request.param, tmp_path_factory.mktemp(request.param)
+    run_train(["recipe=pretrain", "experiment=toyworld_pretrain", f"model=tiny_{family}", "data.packing=true",
+               "data.max_tokens_per_row=2048", *FEW_STEPS], cwd=cwd, cache_root=cache_root)
+    run_train(["recipe=sft_grounded", "experiment=toyworld_sft_grounded", "init_from=outputs/pretrain",
+               "model.lora.rank=4", "model.lora.parts=[llm]", "model.trainable.llm=false", *FEW_STEPS],
+              cwd=cwd, cache_root=cache_root)
+    run_train([*SAMPLE, "init_from=outputs/sft_grounded"], cwd=cwd, cache_root=cache_root)
+    pairs = cwd / "outputs" / "sample" / "pairs"
+    run_train(["recipe=dpo", "experiment=toyworld_dpo", "init_from=outputs/sft_grounded", "data=pairs",
+               "data.num_frames=8", f"data.train_shards={pairs}/train/*.tar", f"data.val_shards={pairs}/val/*.tar",
+               "data.pair_layout=two_rows", "data.batch_size=2", "data.num_workers=0", *FEW_STEPS[len(TINY_DATA):-1]],
+              cwd=cwd, cache_root=cache_root)
+    return family, cwd / "outputs"
 
 
 @pytest.mark.slow
-def test_each_family_trains_exports_reloads_and_generates(family_run, cache_root):
-    tiny_dirs = {"tarsier1": tiny_tarsier1_dir(str(cache_root / "models"))} | {
-        name: tiny_qwen_vl_dir(str(cache_root / "models"), family=name) for name in QWEN_FAMILIES}
-    family, run_dir = family_run
-    assert sorted(losses_by_step(run_dir)) == [0, 1]
-    model = load_model(str(run_dir / "hf"))  # plain transformers for the Qwen families (as test_train checks)
-    assert family_of(model).name == family and type(model) is type(load_model(tiny_dirs[family]))
-    before = load_model(tiny_dirs[family]).state_dict()
-    after = model.state_dict()
+def test_each_family_trains_every_stage_exports_reloads_and_generates(family_chain, cache_root):
+    family, outputs = family_chain
+    for stage in ("pretrain", "sft_grounded", "dpo"):
+        losses = losses_by_step(outputs / stage)
+        assert sorted(losses) == [0, 1] and all(0 < loss < 20 for loss in losses.values()), stage
+    assert len(list((outputs / "sample" / "pairs" / "train").glob("*.tar"))) > 0
+    tiny = tiny_tarsier1_dir(str(cache_root / "models")) if family == "tarsier1" else \
+        tiny_qwen_vl_dir(str(cache_root / "models"), family=family)
+    initial, pretrained = load_model(tiny), load_model(str(outputs / "pretrain" / "hf"))
+    assert family_of(pretrained).name == family and type(pretrained) is type(initial)
+    before, after = initial.state_dict(), pretrained.state_dict()
     assert before.keys() == after.keys()
-    frozen = ("model.vision_tower.",) if family == "tarsier1" else ()  # Tarsier1's ViT is frozen
+    frozen = family_of(initial).idle_parameters(build_model(tiny)) + (  # Tarsier1's ViT is frozen by default
+        ("model.vision_tower.",) if family == "tarsier1" else ())
     assert [name for name in before if torch.equal(before[name], after[name]) != name.startswith(frozen)] == []
-    processor = load_processor(str(run_dir / "hf"))
+    grounded = load_model(str(outputs / "sft_grounded" / "hf")).state_dict()  # adapters merged: the plain layout
+    assert grounded.keys() == before.keys()
+    llm = [name for name in before if name.startswith(family_of(initial).llm)]
+    adapted = {name for name in llm if name.endswith(tuple(f"{proj}.weight" for proj in LLM_PROJECTIONS))}
+    assert adapted and {name for name in llm if not torch.equal(after[name], grounded[name])} == adapted  # merged
+    model, processor = load_model(str(outputs / "dpo" / "hf")), load_processor(str(outputs / "dpo" / "hf"))
     shards = toyworld_shards(cache_root / "toyworld", ToyWorldSpec(num_train_clips=48, num_val_clips=4))
     raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
     sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))

@@ -1,6 +1,7 @@
 """Images, several media per sample, and Qwen2.5-VL's temporal spacing, through the real transform and model."""
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import IGNORE_INDEX, VideoTextTransform
 from tarsier_train.data.video import VideoDecodeError, encode_mp4
 from tarsier_train.losses import summed_token_cross_entropy
-from tarsier_train.models import load_model
+from tarsier_train.models import load_model, load_processor, tiny_qwen_vl_dir
 from tarsier_train.toyworld import generate_clip, render_frames
 
 
@@ -82,3 +83,16 @@ def test_qwen2_5_vl_temporal_spacing_follows_the_sampled_frames(processor, clip,
     spread = segment.prepare(canonical_sample("v", _record([VIDEO])), [clip], np.random.default_rng(0))
     indices_span = spread.visuals[0].seconds_per_frame
     assert segment.training_inputs(spread)["second_per_grid_ts"].tolist() == pytest.approx([indices_span])
+
+
+@pytest.mark.parametrize(("duplicate", "frame_sampling", "expected"), [
+    (True, "uniform", ["<0.0 seconds>", "<0.6 seconds>", "<1.2 seconds>", "<1.9 seconds>"]),  # frames 0, 5, 10, 15
+    (False, "uniform", ["<0.3 seconds>", "<1.6 seconds>"]),  # a step holds two sampled frames: their mean time
+])
+def test_qwen3_vl_prompt_timestamps_are_the_sampled_frames_times(cache_root, clip, duplicate, frame_sampling,
+                                                                   expected):
+    processor = load_processor(tiny_qwen_vl_dir(str(cache_root / "models"), family="qwen3_vl"))
+    transform = VideoTextTransform(processor, FrameSampler(frame_sampling, num_frames=4), duplicate_frames=duplicate)
+    inputs = transform.generation_inputs(transform.prepare(canonical_sample("v", _record([VIDEO])), [clip]))
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    assert re.findall(r"<[0-9.]+ seconds>", text) == expected

@@ -155,7 +155,8 @@ def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 # these with the config's plain values, and never imports a `_target_` read from a file beside a checkpoint.
 MODEL_DIR_BUILDERS: dict[str, Callable[..., str]] = {
     f"{module}.{builder.__name__}": builder
-    for builder in (tiny_qwen_vl_dir, tiny_tarsier1_dir, local_model_dir) for module in ("tarsier_train.models", builder.__module__)
+    for builder in (tiny_qwen_vl_dir, tiny_tarsier1_dir, local_model_dir)
+    for module in ("tarsier_train.models", builder.__module__)
 }
 PLAIN_VALUES = (str, int, float, bool, type(None))
 

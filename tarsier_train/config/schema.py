@@ -69,6 +69,7 @@ class Lora:
     alpha: PositiveFloat = 16.0
     dropout: FractionBelowOne = 0.05
     target_modules: list[str] = dataclasses.field(default_factory=list)
+    parts: list[Literal["llm", "merger", "vision"]] | None = None  # None: adapters in any part
 
 
 @dataclasses.dataclass

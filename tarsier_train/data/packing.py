@@ -1,9 +1,8 @@
 """Padding-free packing: several samples share a row, each with its own M-RoPE positions and attention.
 
-The batch carries 4-row `position_ids` (text positions, then Qwen-VL's 3 M-RoPE rows; plain positions alone for
-Tarsier1's Llama) and no
-`attention_mask`: transformers (5.x) then finds the sample boundaries where the text positions restart
-at 0 and keeps attention inside each sample — a block-diagonal causal mask for sdpa/eager/flex
+The batch carries 4-row `position_ids` (text positions, then Qwen-VL's 3 M-RoPE rows; for Tarsier1's Llama, the
+text positions alone) and no `attention_mask`: transformers (5.x) then finds the sample boundaries where the text
+positions restart at 0 and keeps attention inside each sample — a block-diagonal causal mask for sdpa/eager/flex
 (masking_utils.find_packed_sequence_indices), flash-attn varlen for flash_attention_2
 (modeling_flash_attention_utils._is_packed_sequence, which needs a single row: `single_row=True`;
 untested here, flash-attn is not installed on CPU). The forward must run with use_cache=False: with a

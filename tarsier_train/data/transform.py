@@ -21,7 +21,6 @@ from tarsier_train.data.video import (ChooseFrames, VideoBackendName, check_back
 from tarsier_train.models.families import processor_family
 
 IGNORE_INDEX = -100
-TICKS_PER_SECOND = 1000  # the time resolution handed to the processor (video_metadata)
 log = logging.getLogger(__name__)
 
 
@@ -118,15 +117,14 @@ class VideoTextTransform:
         return frames
 
     def video_metadata(self, video: Visual) -> VideoMetadata:
-        """The frames fed to the processor as a clip at TICKS_PER_SECOND: their times are its frame indices (so
-        Qwen3-VL's timestamps average each temporal step's two times), and its length makes the fed frame rate
-        Qwen2.5-VL's sampled_fps (its second_per_grid_ts is then the sampled frames' spacing)."""
+        """The fed frames as a clip at their mean rate (fed frames per second): Qwen2.5-VL's second_per_grid_ts is
+        then the sampled frames' spacing. Each frame's index is its time x that rate, fractional where the sampling
+        was not uniform, so Qwen3-VL's timestamps (index / fps, a step's two frames averaged) are the frames' times."""
         times = video.times or tuple(i * video.seconds_per_frame for i in range(len(video.pixels)))
         fed_times = self.processor_frames(np.asarray(times, dtype=np.float64))
-        fed_per_sampled = 2 if self.duplicate_frames else 1
-        span = len(fed_times) * video.seconds_per_frame / fed_per_sampled
-        return VideoMetadata(total_num_frames=max(1, round(span * TICKS_PER_SECOND)), fps=TICKS_PER_SECOND,
-                             frames_indices=[round(t * TICKS_PER_SECOND) for t in fed_times])
+        fed_rate = (2 if self.duplicate_frames else 1) / video.seconds_per_frame
+        return VideoMetadata(total_num_frames=len(fed_times), fps=fed_rate,
+                             frames_indices=[float(t * fed_rate) for t in fed_times])
 
     def _user(self, visuals: Sequence[Visual], text: str) -> dict[str, Any]:
         content = [{"type": visual.kind, visual.kind: self.processor_frames(visual.pixels)

@@ -1,9 +1,10 @@
-"""What trains: freeze or train each part (vision, merger, llm) of a model of any family (`families.py`), LoRA adapters through peft, activation
-checkpointing; and folding the adapters back in for a plain Hugging Face export."""
+"""What trains: freeze or train each part (vision, merger, llm) of a model of any family (`families.py`), LoRA
+adapters through peft, activation checkpointing; and folding the adapters back in for a plain Hugging Face export."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
-from tarsier_train.models.families import PARTS, family_of
+from tarsier_train.models.families import PARTS, ModelFamily, family_of
 from tarsier_train.models.load import load_model
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,10 @@ def adapter_parameter_names(model: torch.nn.Module) -> set[str]:
 
 
 def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05,
-                target_modules: Sequence[str] = LLM_PROJECTIONS) -> LoraConfig | None:
-    """peft's LoraConfig for the `model.lora` settings; None when rank is 0 (no adapters)."""
+                target_modules: Sequence[str] = LLM_PROJECTIONS,
+                parts: Sequence[str] | None = None) -> LoraConfig | None:
+    """peft's LoraConfig for the `model.lora` settings; None when rank is 0 (no adapters). `parts` keeps the
+    adapters inside those model parts (`in_parts`), where module names repeat across them (CLIP's q_proj)."""
     if rank < 0:
         raise ValueError(f"model.lora.rank={rank}: must be 0 (no LoRA) or a positive adapter rank")
     if rank == 0:
@@ -41,7 +44,21 @@ def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05,
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(f"model.lora.target_modules={target_modules!r}: give a list of module names, "
                          "e.g. [q_proj, v_proj] (the LLM) or [qkv, fc1, fc2] (the vision blocks)")
+    if parts is not None and (unknown := sorted(set(parts) - set(PARTS)) or not parts):
+        raise ValueError(f"model.lora.parts={list(parts)}: give model parts among {', '.join(PARTS)}"
+                         + (f" ({unknown[0]} is none)" if unknown else ""))
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+
+
+def in_parts(config: LoraConfig, family: ModelFamily, parts: Sequence[str] | None) -> LoraConfig:
+    """The config with its target modules matched only inside these parts of a model of this family (all parts:
+    None); peft reads a string as a regex over full module names."""
+    if parts is None:
+        return config
+    prefixes = [re.escape(prefix) for part in parts for prefix in getattr(family, part)]
+    names = "|".join(re.escape(name) for name in sorted(config.target_modules))
+    config.target_modules = rf"({'|'.join(prefixes)}).*\b({names})"
+    return config
 
 
 def set_trainable(model: torch.nn.Module, trainable: Mapping[str, bool]) -> None:
@@ -72,7 +89,7 @@ def build_model(model_dir: str, dtype: str = "float32", attn_implementation: str
     if adapter_config is not None:
         # In place (peft's integration API): the model keeps its class and module paths, so vision code,
         # generate() and per-block sharding see the same model with or without adapters.
-        inject_adapter_in_model(adapter_config, model)
+        inject_adapter_in_model(in_parts(adapter_config, family_of(model), (lora or {}).get("parts")), model)
     set_trainable(model, parts)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: every model.trainable part is false and model.lora.rank=0")

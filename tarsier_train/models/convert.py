@@ -79,7 +79,8 @@ from tarsier_train.models.families import FAMILIES
 log = logging.getLogger(__name__)
 
 # model_type of the directories transformers loads as they are (no conversion).
-PLAIN_MODEL_TYPES = tuple(model_type for family in FAMILIES.values() if family.mrope for model_type in family.model_types)
+PLAIN_MODEL_TYPES = tuple(model_type for family in FAMILIES.values() if family.mrope
+                          for model_type in family.model_types)
 
 # Released Tarsier2 weight-name prefix -> transformers 5 Qwen2VLForConditionalGeneration prefix.
 TARSIER2_PREFIXES = (

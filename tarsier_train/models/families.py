@@ -68,8 +68,9 @@ class ModelFamily:
                          "no layer-wise LR decay depth for it")
 
 
-QWEN_LAYOUT = dict(merger=("model.visual.merger.",), vision=("model.visual.",), llm=("model.language_model.", "lm_head."),
-                   vision_blocks="model.visual.blocks.", vision_stem=("model.visual.patch_embed.",),
+QWEN_LAYOUT = dict(merger=("model.visual.merger.",), vision=("model.visual.",),
+                   llm=("model.language_model.", "lm_head."), vision_blocks="model.visual.blocks.",
+                   vision_stem=("model.visual.patch_embed.",),
                    projector_units=("model.visual.merger",), decoder_layers="model.language_model.layers.", mrope=True)
 
 FAMILIES = {family.name: family for family in (

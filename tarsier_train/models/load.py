@@ -8,6 +8,7 @@ from typing import Literal, get_args
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from tarsier_train.models.convert import plain_model_dir
 from tarsier_train.models.families import family_of
 from tarsier_train.models.tarsier1 import is_tarsier1_dir, load_tarsier1_model, load_tarsier1_processor
 
@@ -38,11 +39,7 @@ def local_model_dir(path: str | None, key: str = "model.path", converted_dir: st
             f"{key}={path!r} is not a local Hugging Face model directory (no config.json) nor a run directory. "
             "tarsier-train never downloads at run time: download the model first, then pass its folder."
         )
-    if converted_dir is not None:
-        from tarsier_train.models.convert import plain_model_dir  # imports the processor classes: only when asked
-
-        return plain_model_dir(directory, converted_dir)
-    return str(directory)
+    return str(directory) if converted_dir is None else plain_model_dir(directory, converted_dir)
 
 
 def load_processor(model_dir: str) -> ProcessorMixin:

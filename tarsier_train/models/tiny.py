@@ -124,7 +124,8 @@ def build_config(tokenizer: PreTrainedTokenizerFast, text_hidden_size: int, text
         "max_position_embeddings": 16384, "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "rope_parameters": rope,
     }
-    vision_config = {"depth": vision_depth, "num_heads": vision_heads, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    vision_config = {"depth": vision_depth, "num_heads": vision_heads, "spatial_merge_size": 2,
+                     "temporal_patch_size": 2}
     if family == "qwen2_vl":
         vision_config |= {"embed_dim": vision_embed_dim, "hidden_size": text_hidden_size, "patch_size": 14}
     else:  # Qwen2.5-VL and Qwen3-VL: the ViT's width is hidden_size, the LLM's out_hidden_size
