@@ -122,3 +122,23 @@ def rank_processes(script: str, job_file: Path, num_ranks: int, deadline_s: floa
                 process.wait()
     for rank, process in enumerate(processes):
         assert process.returncode == 0, f"rank {rank} failed:\n{logs[rank].read_text()[-6000:]}"
+
+
+def greedy_on_a_toy_clip(model, processor, cache_root: Path, max_new_tokens: int = 5) -> tuple[int, torch.Tensor]:
+    """(prompt length, generated ids): greedy decoding on the first held-out toy-world clip at 8 frames, as the
+    quick start's validation sees it."""
+    import json
+
+    import webdataset as wds
+
+    from tarsier_train.data.records import canonical_sample
+    from tarsier_train.data.sampling import FrameSampler
+    from tarsier_train.data.transform import VideoTextTransform
+    from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
+
+    shards = toyworld_shards(cache_root / "toyworld", ToyWorldSpec(num_train_clips=48, num_val_clips=4))
+    raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
+    sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))
+    transform = VideoTextTransform(processor, FrameSampler(num_frames=8))
+    inputs = transform.generation_inputs(transform.prepare(sample, [raw["mp4"]]))
+    return inputs["input_ids"].shape[1], model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -3,25 +3,18 @@ LoRA, the sampler, DPO), exports, reloads and generates; its parameters all belo
 directory is a model.path. (Packing, both DPO pair layouts and FSDP2 are checked per family in test_packing,
 test_pairs and test_fsdp; test_tarsier1 and test_convert check the released layouts.)"""
 
-import json
-
 import pytest
 import torch
-import webdataset as wds
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from tarsier_train.data.records import canonical_sample
-from tarsier_train.data.sampling import FrameSampler
-from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.distributed.fsdp import shard_unit_names
 from tarsier_train.models import load_model, load_processor, tiny_qwen_vl_dir, tiny_tarsier1_dir
 from tarsier_train.models.controls import LLM_PROJECTIONS, build_model
 from tarsier_train.models.families import PARTS, family_of
 from tarsier_train.optim import parameter_groups
-from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
-from conftest import EVERY_FAMILY, REPO, TINY_DATA, losses_by_step, run_train
+from conftest import EVERY_FAMILY, REPO, TINY_DATA, greedy_on_a_toy_clip, losses_by_step, run_train
 from test_convert import released_tarsier2_dir
 from test_sampler import SAMPLE
 
@@ -93,13 +86,8 @@ def test_each_family_trains_every_stage_exports_reloads_and_generates(family_cha
     adapted = {name for name in llm if name.endswith(tuple(f"{proj}.weight" for proj in LLM_PROJECTIONS))}
     assert adapted and {name for name in llm if not torch.equal(after[name], grounded[name])} == adapted  # merged
     model, processor = load_model(str(outputs / "dpo" / "hf")), load_processor(str(outputs / "dpo" / "hf"))
-    shards = toyworld_shards(cache_root / "toyworld", ToyWorldSpec(num_train_clips=48, num_val_clips=4))
-    raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
-    sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))
-    transform = VideoTextTransform(processor, FrameSampler(num_frames=8))
-    inputs = transform.generation_inputs(transform.prepare(sample, [raw["mp4"]]))
-    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert output.shape[1] == inputs["input_ids"].shape[1] + 5 or output[0, -1] == processor.tokenizer.eos_token_id
+    prompt_length, output = greedy_on_a_toy_clip(model, processor, cache_root)
+    assert output.shape[1] == prompt_length + 5 or output[0, -1] == processor.tokenizer.eos_token_id
 
 
 def test_a_released_tarsier2_directory_is_a_model_path(tiny_model_dir, tmp_path, cache_root):

@@ -10,12 +10,9 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from tarsier_train.data.records import canonical_sample
-from tarsier_train.data.sampling import FrameSampler
-from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
-from conftest import REPO, TINY_DATA, run_train, train_env
+from conftest import REPO, TINY_DATA, greedy_on_a_toy_clip, run_train, train_env
 
 pytestmark = pytest.mark.slow
 SHORT = ["recipe=sft", *TINY_DATA, "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
@@ -72,14 +69,8 @@ def test_hf_export_reloads_and_generates(two_step_run, cache_root):
     run_dir, _ = two_step_run
     model = Qwen2VLForConditionalGeneration.from_pretrained(run_dir / "hf", local_files_only=True)
     processor = AutoProcessor.from_pretrained(run_dir / "hf", local_files_only=True)
-    shards = toyworld_shards(cache_root / "toyworld", ToyWorldSpec(num_train_clips=48, num_val_clips=4))
-    import webdataset as wds
-    raw = next(iter(wds.WebDataset(shards["val"], shardshuffle=False, nodesplitter=None, workersplitter=None)))
-    sample = canonical_sample(raw["__key__"], json.loads(raw["json"]))
-    transform = VideoTextTransform(processor, FrameSampler(num_frames=8))
-    inputs = transform.generation_inputs(transform.prepare(sample, [raw["mp4"]]))
-    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert output.shape[1] > inputs["input_ids"].shape[1]
+    prompt_length, output = greedy_on_a_toy_clip(model, processor, cache_root)
+    assert output.shape[1] > prompt_length
 
 
 def test_export_cli_from_checkpoint_matches_final_export(two_step_run, tmp_path, cache_root):
