@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGener
 
 from tarsier_train.checkpoint.export import export_checkpoint, export_full_state_dict, export_hf
 from tarsier_train.losses import summed_token_cross_entropy
-from tarsier_train.models.controls import PARTS, adapter_parameter_names, build_model, model_part
+from tarsier_train.models.controls import PARTS, adapter_parameter_names, build_model, lora_config, model_part
 from tarsier_train.optim import grouped_optimizer, warmup_cosine
 from tarsier_train.toyworld import generate_clip, render_frames
 from tarsier_train.toyworld.describe import describe
@@ -204,3 +204,9 @@ def test_train_py_with_frozen_parts_lora_and_checkpointing(tmp_path, cache_root,
     export_checkpoint(run_dir / "checkpoints" / "step-000002.ckpt", tmp_path / "from_ckpt")
     again = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "from_ckpt", local_files_only=True)
     assert all(torch.equal(v, exported[k]) for k, v in again.state_dict().items())
+
+
+@pytest.mark.parametrize("parts", [[], ["llm", "decoder"]])
+def test_lora_parts_must_name_model_parts(parts):
+    with pytest.raises(ValueError, match=r"model.lora.parts=.*: give one or more of llm, merger, vision"):
+        lora_config(rank=4, parts=parts)

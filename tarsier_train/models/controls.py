@@ -44,9 +44,9 @@ def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05,
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(f"model.lora.target_modules={target_modules!r}: give a list of module names, "
                          "e.g. [q_proj, v_proj] (the LLM) or [qkv, fc1, fc2] (the vision blocks)")
-    if parts is not None and (unknown := sorted(set(parts) - set(PARTS)) or not parts):
-        raise ValueError(f"model.lora.parts={list(parts)}: give model parts among {', '.join(PARTS)}"
-                         + (f" ({unknown[0]} is none)" if unknown else ""))
+    if parts is not None and (not parts or set(parts) - set(PARTS)):
+        raise ValueError(f"model.lora.parts={list(parts)}: give one or more of {', '.join(PARTS)}, "
+                         "or null for adapters in any part")
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
 
 
