@@ -17,6 +17,7 @@ from tarsier_train.checkpoint.atomic import replace_atomically
 from tarsier_train.checkpoint.export import export_full_state_dict, export_hf
 from tarsier_train.config.types import PositiveInt
 from tarsier_train.models.load import MODEL_DTYPES, ModelDtype
+from tarsier_train.models.video_settings import VideoSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class StepCheckpoint(ModelCheckpoint):
 class HFExport(L.Callback):
     """Save the trained model + processor with save_pretrained at the end of fit (global rank 0), weights in `dtype`
     (the run's model.dtype by default: bf16 for real checkpoints, whatever the fp32 masters); LoRA adapters are merged
-    into the live model first, so the export loads without peft."""
+    into the live model first, so the export loads without peft. The data's frame settings are saved beside it
+    (`VideoSettings`): describe and evaluate feed the model what it trained on."""
 
     output_label = "HF export"  # train.py prints where each output went
 
@@ -71,11 +73,13 @@ class HFExport(L.Callback):
         self.output_dir, self.dtype = output_dir, dtype
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        transform = getattr(trainer.datamodule, "transform", None)
+        video = VideoSettings.from_transform(transform) if transform is not None else None
         if isinstance(trainer.strategy, FSDP2Strategy):  # every rank gives its shards, rank 0 saves
             state = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if trainer.is_global_zero:
-                export_full_state_dict(pl_module.model, state, pl_module.processor, self.output_dir, self.dtype)
+                export_full_state_dict(pl_module.model, state, pl_module.processor, self.output_dir, self.dtype, video)
         elif trainer.is_global_zero:
-            export_hf(pl_module.model, pl_module.processor, self.output_dir, self.dtype)
+            export_hf(pl_module.model, pl_module.processor, self.output_dir, self.dtype, video)
         if trainer.is_global_zero:
             log.info("exported Hugging Face model to %s", self.output_dir)

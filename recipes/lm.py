@@ -13,8 +13,8 @@ from recipes.base import OptimizerFactory, RecipeBase, SchedulerFactory
 from tarsier_train.config.types import NonNegativeFloat, NonNegativeInt, PositiveInt
 from tarsier_train.data.collate import model_inputs
 from tarsier_train.data.stream import PADDING_KEY
-from tarsier_train.eval.describe import greedy_description
 from tarsier_train.eval.event_f1 import EventScore, score_description
+from tarsier_train.eval.generation import GenerationSettings, generate_texts
 from tarsier_train.eval.grounding import GroundingScore, score_grounding
 from tarsier_train.eval.temporal_order import TemporalOrderScore, score_order
 from tarsier_train.losses import num_target_tokens, summed_token_cross_entropy
@@ -70,10 +70,11 @@ class LMRecipe(RecipeBase):
         self.log_val_skips(batch["train"])
         self._num_unscored_events += int(batch["unscored_events"])
         scores = self._val_scores
-        for prompt, reference, target, padding in zip(batch["generate"], batch["reference_events"],
-                                                      batch["reference_text"], batch[PADDING_KEY].tolist()):
-            # a padding row generates too: under sharding its rank must join the forwards of every other rank's row
-            text = greedy_description(self.model, self.processor, prompt, self.max_new_tokens)
+        # one left-padded generate for the batch; padding rows generate too: under sharding each rank must join the
+        # forwards of every other rank's rows
+        texts = generate_texts(self.model, self.processor, batch["generate"], GenerationSettings(self.max_new_tokens))
+        for text, reference, target, padding in zip(texts, batch["reference_events"], batch["reference_text"],
+                                                    batch[PADDING_KEY].tolist()):
             if padding:
                 continue
             self._num_val_clips += 1

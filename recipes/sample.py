@@ -25,7 +25,7 @@ from datamodules.preference_sampling import CLEAN, CORRUPTED, PROVENANCE, RAW
 from recipes.writers import HANDLED, SAMPLES
 from tarsier_train.config.types import NonNegativeFloat, PositiveFloat, PositiveFraction, PositiveInt
 from tarsier_train.data.record_check import extra_info
-from tarsier_train.eval.describe import generation_sync
+from tarsier_train.eval.generation import generation_sync
 from tarsier_train.sampler import Judge, keep_pair
 from tarsier_train.sampler.judges import JudgeFailed
 

@@ -33,7 +33,7 @@ class _OpenShard:
     opened_at: float  # the writer's clock when the shard was opened
     keys: list[str] = dataclasses.field(default_factory=list)
     num_samples: int = 0
-    tar: wds.TarWriter | None = None  # opened on the first sample
+    sink: Any = None  # opened on the first sample: something with write(sample) and close()
 
 
 class ShardWriter(BasePredictionWriter):
@@ -44,9 +44,14 @@ class ShardWriter(BasePredictionWriter):
     so nothing is written twice and nothing is lost. A shard is committed when it holds `samples_per_shard` samples
     or has been open `commit_every_s` seconds, whichever comes first: with slow sampling (an LLM judge) or
     selective filtering a killed run loses minutes of work, not a shard's worth.
+
+    A run refuses to continue another's output: what the inputs' datamodule and the recipe say their output depends on
+    (their `fingerprint()`, when they have one: model, benchmark, generation settings) is kept beside the output and
+    must match.
     """
 
     output_label = "written data"  # train.py prints where each output went
+    suffix = ".tar"
 
     def __init__(self, output_dir: str, splits: Sequence[str] = ("train", "val"),
                  samples_per_shard: PositiveInt = 1000, commit_every_s: PositiveFloat = 300.0,
@@ -64,8 +69,9 @@ class ShardWriter(BasePredictionWriter):
             folder.mkdir(parents=True, exist_ok=True)
             trainer.strategy.barrier()
             if trainer.is_global_zero:
-                for path in folder.glob("*.tar*"):
-                    if path.suffix != ".tar" or not path.with_suffix(".keys.json").is_file():
+                self._check_fingerprint(trainer, pl_module, folder)
+                for path in folder.glob(f"*{self.suffix}*"):
+                    if path.suffix != self.suffix or not path.with_suffix(".keys.json").is_file():
                         path.unlink()  # a partial shard, or one whose keys were never committed
             trainer.strategy.barrier()
             done.append(frozenset(key for path in folder.glob("*.keys.json")
@@ -73,6 +79,23 @@ class ShardWriter(BasePredictionWriter):
         if any(done):
             log.info("resuming: %s inputs already handled", ", ".join(f"{s}: {len(d)}" for s, d in zip(self.splits, done)))
         trainer.datamodule.predict_done_keys = done
+
+    def _check_fingerprint(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+        identity = {name: owner.fingerprint() for name, owner in (("data", trainer.datamodule), ("recipe", pl_module))
+                    if hasattr(owner, "fingerprint")}
+        if not identity:
+            return
+        identity = json.loads(json.dumps(identity))  # as it reads back
+        path = folder / "fingerprint.json"
+        committed = any(folder.glob("*.keys.json"))
+        if committed and path.is_file() and json.loads(path.read_text()) != identity:
+            raise RuntimeError(
+                f"{folder} holds output of another model, benchmark or generation settings ({path}); continuing "
+                f"would mix the two. Choose another run_name, or remove {folder} to start over")
+        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
+
+    def open_sink(self, path: str) -> Any:
+        return wds.TarWriter(path)
 
     def _shard(self, trainer: L.Trainer, index: int) -> _OpenShard:
         if index not in self._open:
@@ -88,9 +111,9 @@ class ShardWriter(BasePredictionWriter):
                            dataloader_idx: int = 0) -> None:
         shard = self._shard(trainer, dataloader_idx)
         for sample in prediction[SAMPLES]:
-            if shard.tar is None:
-                shard.tar = wds.TarWriter(str(shard.stem) + ".tar.partial")
-            shard.tar.write(sample)
+            if shard.sink is None:
+                shard.sink = self.open_sink(str(shard.stem) + self.suffix + ".partial")
+            shard.sink.write(sample)
             shard.num_samples += 1
         shard.keys += prediction[HANDLED]
         if shard.num_samples >= self.samples_per_shard or self._clock() - shard.opened_at >= self.commit_every_s:
@@ -98,9 +121,9 @@ class ShardWriter(BasePredictionWriter):
 
     def _commit(self, index: int) -> None:
         shard = self._open.pop(index)
-        if shard.tar is not None:
-            shard.tar.close()
-            os.replace(str(shard.stem) + ".tar.partial", str(shard.stem) + ".tar")
+        if shard.sink is not None:
+            shard.sink.close()
+            os.replace(str(shard.stem) + self.suffix + ".partial", str(shard.stem) + self.suffix)
         keys = Path(str(shard.stem) + ".keys.json")
         keys.with_suffix(".partial").write_text(json.dumps({"num_samples": shard.num_samples, "keys": shard.keys}))
         os.replace(keys.with_suffix(".partial"), keys)  # the commit point
@@ -116,6 +139,42 @@ class ShardWriter(BasePredictionWriter):
                 for path in sorted(folder.glob("*.keys.json")):
                     count = json.loads(path.read_text())["num_samples"]
                     if count:
-                        shards.append({"name": path.name.replace(".keys.json", ".tar"), "num_samples": count})
+                        shards.append({"name": path.name.replace(".keys.json", self.suffix), "num_samples": count})
                 (folder / "manifest.json").write_text(json.dumps({"shards": shards}, indent=2))
                 log.info("%s: %d samples in %d shards", folder, sum(s["num_samples"] for s in shards), len(shards))
+
+
+class _JsonlSink:
+    """One JSON object per line, synced to disk on close (before the commit renames it)."""
+
+    def __init__(self, path: str) -> None:
+        self.handle = open(path, "w")
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(sample) + "\n")
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+class JsonlWriter(ShardWriter):
+    """ShardWriter's commits and resume for records written as jsonl (evaluation predictions): each sample is a JSON
+    object, files are output_dir/rank<R>-NNNNNN.jsonl (one predict dataloader)."""
+
+    output_label = "predictions"
+    suffix = ".jsonl"
+
+    def __init__(self, output_dir: str, samples_per_shard: PositiveInt = 256, commit_every_s: PositiveFloat = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__(output_dir, ("",), samples_per_shard, commit_every_s, clock)
+
+    def open_sink(self, path: str) -> _JsonlSink:
+        return _JsonlSink(path)
+
+    def committed_files(self) -> list[Path]:
+        """Every committed file of every split, in name order."""
+        return [path.with_name(path.name.replace(".keys.json", self.suffix)) for split in self.splits
+                for path in sorted((self.output_dir / split).glob("*.keys.json"))
+                if path.with_name(path.name.replace(".keys.json", self.suffix)).is_file()]

@@ -20,6 +20,10 @@ TINY_DATA = ["data.num_train_clips=48", "data.num_val_clips=4", "data.batch_size
              "data.shuffle_block=16"]
 
 
+SHORT = ["recipe=sft", *TINY_DATA, "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+         "callbacks.checkpoint.every_n_train_steps=2"]
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -57,6 +61,16 @@ def _restore_torch_state():
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def two_step_run(tmp_path_factory: pytest.TempPathFactory, cache_root: Path
+                 ) -> tuple[Path, subprocess.CompletedProcess]:
+    """The quick start cut to two steps on the tiny data (run dir, its process): a trained export and checkpoint
+    for the tests of train.py, export, describe and evaluate."""
+    cwd = tmp_path_factory.mktemp("two_step")
+    result = run_train([*SHORT, "trainer.max_steps=2", "logger=csv"], cwd=cwd, cache_root=cache_root)
+    return cwd / "outputs" / "sft", result
 
 
 def train_env(cache_root: Path, **extra: str) -> dict[str, str]:

@@ -35,7 +35,11 @@ STAGES = {  # the values each stage needs from its user
     "dpo": ["init_from=/runs/sft_instruct", *SHARDS],
     "dpo_precompute": ["init_from=/runs/sft_instruct", *SHARDS],
     "sample": ["init_from=/runs/sft_instruct", *SHARDS],
+    "evaluate": ["benchmark=toyworld_dream", "init_from=/runs/sft"],
 }
+# what each benchmark or judge option needs from its user, under recipe=evaluate
+EVALUATE = {"benchmark": ["benchmark.annotations=/b/a.jsonl", "benchmark.video_dir=/b/videos"],
+            "judge": ["judge.base_url=http://127.0.0.1:8000/v1", "judge.model=judge"]}
 
 
 def _overrides(group: str, option: str) -> list[str]:
@@ -43,6 +47,10 @@ def _overrides(group: str, option: str) -> list[str]:
         return [f"recipe={option}", *STAGES[option]]
     if group == "experiment":  # experiment=toyworld_<stage> scales that stage down: it needs nothing more
         return [f"recipe={option.removeprefix('toyworld_')}", f"experiment={option}"]
+    if group in EVALUATE or (group, option) in (("data", "benchmark"), ("objective", "evaluate")):
+        required = EVALUATE[group] if group in EVALUATE and option not in ("toyworld_dream", "exact") else []
+        benchmark = [] if group == "benchmark" else ["benchmark=toyworld_dream"]
+        return ["recipe=evaluate", *benchmark, f"{group}={option}", *required]
     return ["recipe=sft", f"{group}={option}", *_required_values(group, option)]
 
 
@@ -85,6 +93,12 @@ def test_stage_recipes_default_to_tarsier2_values():
 def test_unknown_mode_is_named_with_the_allowed_values():
     with pytest.raises(ConfigError, match="mode='train': allowed values are fit, predict"):
         validate_config(_compose(["recipe=sft", "mode=train"]))
+
+
+def test_evaluate_without_a_benchmark_names_the_benchmarks():
+    with pytest.raises(Exception, match="You must specify 'benchmark'") as error:
+        _compose(["recipe=evaluate"])
+    assert "toyworld_dream" in str(error.value) and "dream1k" in str(error.value)
 
 
 def test_missing_required_value_is_named():

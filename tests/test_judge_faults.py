@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_train, train_env
+from judge_server import StubLLM, serve_loopback
 from test_sampler import SAMPLE, _pairs
-from test_sampler_parts import StubLLM, serve_loopback
 
 from recipes.writers import HANDLED, SAMPLES, ShardWriter
 from tarsier_train.config.validate import redact, redact_hydra_dumps, redact_text

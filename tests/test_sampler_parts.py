@@ -8,12 +8,12 @@ import itertools
 import json
 import re
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
+from judge_server import StubLLM, serve_loopback
 
 from datamodules import preference_sampling
 from recipes.sample import PreferenceSampler
@@ -255,34 +255,6 @@ def test_bad_sampler_options_fail_naming_the_key(tiny_model_dir, processor):
 
 
 # ---- AutoDQ judge against a local stub server ---------------------------------------------------------------
-
-class StubLLM:
-    """A deterministic 'LLM': events are the sentences of a description; an event is entailed iff its sentence
-    occurs in the other description. Answers with failures first when told to."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.fail_with: list[int] = []  # HTTP codes to answer with, one per coming request
-        self.sleep_s: list[float] = []  # delays before answering, one per coming request
-
-    def answer(self, prompt: str) -> str:
-        description = re.search(r"Description:\n(.*?)(?:\n\nEvents:\n|$)", prompt, re.DOTALL).group(1)
-        sentences = [s.strip().lower() for s in description.split(".") if s.strip()]
-        if "Extract at most 10 key events" in prompt:
-            return "```json\n" + json.dumps({"events": sentences}) + "\n```"
-        events = json.loads(prompt.split("Events:\n", 1)[1])
-        return json.dumps({"events": [{"event": e, "relationship": "entailment" if e in sentences else "neutral"}
-                                      for e in events]})
-
-
-def serve_loopback(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, threading.Thread, str]:
-    """A fake endpoint on a free loopback port, served from a thread: (server, thread, its http://host:port origin)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.handle_error = lambda request, address: None  # a timed-out request's late answer hits a closed socket
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
-
 
 @pytest.fixture
 def stub():

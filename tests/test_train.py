@@ -12,22 +12,13 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from tarsier_train.toyworld import ToyWorldSpec, toyworld_shards
 
-from conftest import REPO, TINY_DATA, greedy_on_a_toy_clip, run_train, train_env
+from conftest import REPO, SHORT, TINY_DATA, greedy_on_a_toy_clip, run_train, train_env
 
 pytestmark = pytest.mark.slow
-SHORT = ["recipe=sft", *TINY_DATA, "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-         "callbacks.checkpoint.every_n_train_steps=2"]
 
 
 def _weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return Qwen2VLForConditionalGeneration.from_pretrained(directory, local_files_only=True).state_dict()
-
-
-@pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory, cache_root):
-    cwd = tmp_path_factory.mktemp("two_step")
-    result = run_train([*SHORT, "trainer.max_steps=2", "logger=csv"], cwd=cwd, cache_root=cache_root)
-    return cwd / "outputs" / "sft", result
 
 
 def test_run_writes_checkpoint_export_logs_and_prints_them(two_step_run):

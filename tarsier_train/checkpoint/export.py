@@ -24,28 +24,32 @@ from tarsier_train.models.controls import build_model, merge_adapters
 from tarsier_train.models.load import MODEL_DTYPES, load_processor, local_model_dir
 from tarsier_train.models.tarsier1 import tiny_tarsier1_dir
 from tarsier_train.models.tiny import tiny_qwen_vl_dir
+from tarsier_train.models.video_settings import VideoSettings
 
 log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."  # recipes hold the HF model as `self.model`
 
 
-def export_hf(model: PreTrainedModel, processor: ProcessorMixin, output_dir: str | Path, dtype: str | None = None
-              ) -> Path:
+def export_hf(model: PreTrainedModel, processor: ProcessorMixin, output_dir: str | Path, dtype: str | None = None,
+              video: VideoSettings | None = None) -> Path:
     """save_pretrained of model + processor, its weights in `dtype` (e.g. bfloat16; None: as they are, fp32 where
     they trained); LoRA adapters are merged into the model first. Both happen in place, so the export is a plain
-    Hugging Face model that loads without peft."""
+    Hugging Face model that loads without peft. `video`: the frame settings it trained with, which describe and
+    evaluate then use."""
     output_dir = Path(output_dir)
     merge_adapters(model)
     if dtype is not None:
         model.to(getattr(torch, dtype))
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    if video is not None:
+        video.save(output_dir)
     return output_dir
 
 
 def export_full_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], processor: ProcessorMixin,
-                           output_dir: str | Path, dtype: str | None = None) -> Path:
+                           output_dir: str | Path, dtype: str | None = None, video: VideoSettings | None = None) -> Path:
     """Save a gathered (unsharded) state dict of `model`'s architecture, e.g. of an FSDP2-sharded model: rebuilt
     without memory (meta), adapters injected as in `model`, the weights assigned, adapters merged by export_hf."""
     with torch.device("meta"):
@@ -54,7 +58,7 @@ def export_full_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.T
             inject_adapter_in_model(adapter, plain)
     plain.load_state_dict(state_dict, strict=True, assign=True)
     plain.tie_weights()
-    return export_hf(plain, processor, output_dir, dtype)
+    return export_hf(plain, processor, output_dir, dtype, video)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -195,7 +199,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, dtype: str
     state = checkpoint_state_dict(checkpoint)
     weights = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(weights, strict=True)
-    return export_hf(model, load_processor(model_dir), output_dir, dtype)
+    return export_hf(model, load_processor(model_dir), output_dir, dtype, VideoSettings.from_data_config(cfg.data))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,3 +102,5 @@ class Config:
     trainer: Instantiated
     logger: Instantiated
     callbacks: dict[str, Instantiated | None] = dataclasses.field(default_factory=dict)
+    benchmark: Instantiated | None = None  # recipe=evaluate
+    judge: Instantiated | None = None  # recipe=evaluate on captions

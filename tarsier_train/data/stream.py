@@ -265,7 +265,7 @@ class EvalStream(_RankedStream):
             num_yielded, last = num_yielded + 1, sample
             yield sample
         if self.pad:
-            share = -(-sum(shard_sample_counts(self.shards)) // num_consumers)
+            share = -(-self.num_samples() // num_consumers)
             for _ in range(share - num_yielded):
                 last = last or self._first_usable()
                 if last is None:
@@ -276,8 +276,15 @@ class EvalStream(_RankedStream):
             log.warning("%s: %d of %d samples skipped (%s)", self.name, skips.reasons.total(), skips.num_read,
                         ", ".join(f"{reason} {count}" for reason, count in skips.reasons.most_common()))
 
+    def raw_samples(self) -> Iterator[dict[str, Any] | Exception]:
+        """Every raw sample ({"__key__", "json", media members...}) in order; a broken source yields its error."""
+        return _raw_samples(self.shards)
+
+    def num_samples(self) -> int:
+        return sum(shard_sample_counts(self.shards))
+
     def _own_samples(self, consumer: int, num_consumers: int, skips: SkipCounter) -> Iterator[dict[str, Any]]:
-        for index, raw in enumerate(_raw_samples(self.shards)):
+        for index, raw in enumerate(self.raw_samples()):
             if index % num_consumers != consumer:
                 continue
             key = raw["__key__"] if isinstance(raw, dict) else f"sample {index}"
@@ -292,7 +299,7 @@ class EvalStream(_RankedStream):
         """Any usable sample of the shards, for a consumer with none of its own (fewer samples than consumers);
         its failures are not this consumer's, so they go uncounted."""
         ignored = SkipCounter(self.name, SkipBudget(max_fraction=1.0, min_samples=2**31))
-        for index, raw in enumerate(_raw_samples(self.shards)):
+        for index, raw in enumerate(self.raw_samples()):
             key = raw["__key__"] if isinstance(raw, dict) else f"sample {index}"
             sample = _transformed(self.make_sample, key, raw, None, ignored)
             if sample is not None:

@@ -34,6 +34,7 @@ class Visual:
     pixels: np.ndarray  # video: (T, H, W, 3) frames in the order the model sees them; image: (H, W, 3)
     seconds_per_frame: float | None = None  # video: time between sampled frames (Qwen2.5-VL's temporal spacing)
     times: tuple[float, ...] | None = None  # video: each sampled frame's time in seconds (Qwen3-VL's timestamps)
+    indices: tuple[int, ...] | None = None  # video: the sampled frames' indices in the file (what describe reports)
 
 
 @dataclasses.dataclass(frozen=True)

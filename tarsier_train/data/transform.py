@@ -92,7 +92,8 @@ class VideoTextTransform:
                 continue
             frames, indices, fps = self.read_video(
                 data, lambda num_frames, fps: self.sampler.indices(item["video"], num_frames, fps, rng))
-            visuals.append(Visual("video", frames, seconds_between(indices, fps), tuple(i / fps for i in indices)))
+            visuals.append(Visual("video", frames, seconds_between(indices, fps), tuple(i / fps for i in indices),
+                                  tuple(indices)))
         return render_task(sample, tuple(visuals), indices, rng)
 
     def read_video(self, data: bytes, choose: ChooseFrames) -> tuple[np.ndarray, list[int], float]:

@@ -6,34 +6,21 @@ import json
 from collections.abc import Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 import webdataset as wds
-from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel, ProcessorMixin
 
 from tarsier_train.data.records import canonical_sample, media_bytes
 from tarsier_train.data.sampling import FrameSampler
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.eval.event_f1 import EventScore, corpus_event_score, reference_events
+from tarsier_train.eval.generation import GenerationSettings, generate_texts
 from tarsier_train.eval.grounding import GroundingScore, score_grounding
 
 
-def generation_sync(model: PreTrainedModel) -> dict[str, bool]:
-    """`generate` keyword arguments that keep sharded ranks in step: under FSDP every forward gathers the weights from
-    all ranks, so a rank whose answer ends first must keep joining forwards until every rank's has ended
-    (transformers' `synced_gpus`). An unsharded model generates on its own, without the per-token all-reduce."""
-    sharded = isinstance(model, FSDPModule) and dist.is_available() and dist.is_initialized()
-    return {"synced_gpus": True} if sharded and dist.get_world_size() > 1 else {}
-
-
-@torch.no_grad()
 def greedy_description(model: PreTrainedModel, processor: ProcessorMixin, prompt_inputs: dict[str, torch.Tensor],
                        max_new_tokens: int = 48) -> str:
     """Greedy continuation of one prompt (batch of one, as `VideoTextTransform.generation_inputs` makes it)."""
-    inputs = {k: v.to(model.device) for k, v in prompt_inputs.items()}
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=processor.tokenizer.pad_token_id, **generation_sync(model))
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return generate_texts(model, processor, [prompt_inputs], GenerationSettings(max_new_tokens))[0]
 
 
 def evaluate_event_f1(model: PreTrainedModel, processor: ProcessorMixin, shards: Iterable[str],

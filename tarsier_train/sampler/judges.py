@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -13,6 +14,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -22,8 +24,9 @@ from typing import Any, Protocol
 
 from tarsier_train.config.types import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from tarsier_train.data.record_check import extra_info
-from tarsier_train.data.records import canonical_sample
+from tarsier_train.eval.benchmark_records import reference_text
 from tarsier_train.eval.event_f1 import EventScore, reference_events, score_description
+from tarsier_train.eval.judge_cache import JudgeCache, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ class ToyWorldJudge:
             raise ValueError("ToyWorldJudge needs a toy-world record with extra_info.events; use AutoDQJudge for "
                              "records that only have a reference description")
         return score_description(prediction, events, ordered=self.ordered)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"judge": "toy-world exact events", "ordered": self.ordered}
 
 
 # ---- AutoDQ ---------------------------------------------------------------------------------------------------
@@ -91,6 +97,13 @@ Events:
 {events}"""
 
 RELATIONSHIPS = ("entailment", "neutral", "contradiction")
+
+
+def prompt_version() -> str:
+    """A short hash of both prompt templates (read when asked, so an edited template is seen): part of every
+    cached answer's key, and of the judge's provenance."""
+    templates = json.dumps([EXTRACT_EVENTS_PROMPT, ENTAILMENT_PROMPT]).encode()
+    return hashlib.sha256(templates).hexdigest()[:16]
 
 
 class JudgeError(RuntimeError):
@@ -147,14 +160,19 @@ class AutoDQJudge:
     5xx, 429, timeouts, refused connections and malformed answers (non-JSON, `null` content, the wrong schema) are
     retried with exponential backoff and full jitter (a wait drawn from [0, backoff_s * 2^n], at most
     `max_backoff_s`, and never shorter than the server's `Retry-After`), up to `max_retries` times and within
-    `deadline_s` for one question; then `JudgeFailed`. `sleep`, `clock` and `rng` are injectable for tests."""
+    `deadline_s` for one question; then `JudgeFailed`. `sleep`, `clock` and `rng` are injectable for tests.
+
+    `cache_dir`: every question and answer is kept there (`JudgeCache`), keyed by the model, the prompt templates'
+    version, the sampling settings and the full prompt; an answer found there is reused without a request, so a
+    rescore from a complete cache needs no endpoint and gives the same numbers. None: nothing on disk (the
+    sampler's default). Thread-safe: one judge may score many records at once."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: PositiveFloat = 60.0, max_retries: NonNegativeInt = 8, backoff_s: NonNegativeFloat = 1.0,
                  max_backoff_s: NonNegativeFloat = 60.0, deadline_s: PositiveFloat = 600.0,
                  temperature: NonNegativeFloat = 0.0, cache_size: NonNegativeInt = 1024,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 cache_dir: str | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"AutoDQJudge base_url must start with http:// or https://, got {base_url!r}")
         if max_retries < 0 or timeout_s <= 0 or deadline_s <= 0:
@@ -166,13 +184,26 @@ class AutoDQJudge:
         self.temperature, self.cache_size = temperature, cache_size
         self._sleep, self._clock, self._rng = sleep, clock, rng or random.Random()
         self._reference_cache: dict[str, tuple[str, ...]] = {}  # each reference is judged twice (chosen, rejected)
+        self._answers = JudgeCache(cache_dir) if cache_dir is not None else None
+        self._served_by: set[str] = set()  # the model ids the endpoint reported for the answers used
+        self._lock = threading.Lock()  # for the two sets above and the jitter's rng, shared by scoring threads
         self._headers(self.base_url)  # a key that would go over plain http fails here, before any compute
 
     def __repr__(self) -> str:
         return f"AutoDQJudge(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
+    def provenance(self) -> dict[str, Any]:
+        """What produced the scores (JSON-able, no secret): the model asked for and the ids the endpoint reported
+        for the answers used, the prompts' version, the sampling settings, where the answers are kept."""
+        with self._lock:
+            served_by = sorted(self._served_by)
+        return {"judge": "AutoDQ", "model": self.model, "endpoint_models": served_by,
+                "prompt_version": prompt_version(), "sampling": self._sampling(),
+                "cache": str(self._answers.path) if self._answers is not None else None,
+                "base_url": _without_credentials(self.base_url)}
+
     def score(self, prediction: str, record: dict[str, Any]) -> AutoDQScore:
-        reference = canonical_sample("reference", record).target
+        reference = reference_text(record)  # a benchmark record's is beside the blank answer, in "reference"
         ref_events = self._reference_events(reference, record)
         pred_events = tuple(self.extract_events(prediction))
         recall_verdicts = tuple(self.entailment(prediction, ref_events))
@@ -192,21 +223,42 @@ class AutoDQJudge:
 
     def _reference_events(self, reference: str, record: dict[str, Any]) -> tuple[str, ...]:
         given = extra_info(record).get("events")
-        if given:  # Tarsier's evaluator uses annotated events when a record has them
+        if isinstance(given, list):  # Tarsier's evaluator uses annotated events when a record has a list (even [])
             return tuple(e if isinstance(e, str) else e["text"] for e in given)
-        if reference not in self._reference_cache:
-            if len(self._reference_cache) >= self.cache_size:
+        with self._lock:
+            known = self._reference_cache.get(reference)
+        if known is not None:
+            return known
+        events = tuple(self.extract_events(reference))
+        with self._lock:
+            if reference not in self._reference_cache and len(self._reference_cache) >= self.cache_size:
                 self._reference_cache.pop(next(iter(self._reference_cache)))
-            self._reference_cache[reference] = tuple(self.extract_events(reference))
-        return self._reference_cache[reference]
+            return self._reference_cache.setdefault(reference, events)
+
+    def _sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}  # everything the request body sets besides model and prompt
 
     def _ask_json(self, prompt: str, validate: Callable[[Any], Any]) -> Any:
-        """Send one chat request; retry on transient failures and unusable answers; parse the answer's JSON."""
+        """The validated JSON answer to one question: from the cache when it holds one, else asked."""
+        if self._answers is None:
+            return self._use(self._ask(prompt, validate), validate)
+        key = cache_key(self.model, prompt_version(), self._sampling(), prompt)
+        entry = self._answers.get(key)
+        if entry is None:
+            asked = self._ask(prompt, validate)  # another thread asking the same prompt may store its answer first
+            entry = self._answers.put(key, {"model": self.model, "prompt_version": prompt_version(),
+                                            "sampling": self._sampling(), "prompt": prompt, **asked})
+        return self._use(entry, validate)
+
+    def _ask(self, prompt: str, validate: Callable[[Any], Any]) -> dict[str, Any]:
+        """Send one chat request; retry on transient failures and unusable answers. {answer, endpoint_model}."""
         url = f"{self.base_url}/chat/completions"
         give_up_at = self._clock() + self.deadline_s
         for attempt in range(self.max_retries + 1):
             try:
-                return validate(_parse_json_answer(self._post(url, prompt, give_up_at)))
+                answer, served_by = self._post(url, prompt, give_up_at)
+                validate(_parse_json_answer(answer))
+                return {"answer": answer, "endpoint_model": served_by}
             except _Retryable as error:
                 log.warning("AutoDQ judge %s: attempt %d/%d failed: %s", url, attempt + 1, self.max_retries + 1, error)
                 wait = self._backoff(attempt, error.retry_after_s)
@@ -216,9 +268,25 @@ class AutoDQJudge:
                 self._sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    def _use(self, entry: dict[str, Any], validate: Callable[[Any], Any]) -> Any:
+        """An answer's validated JSON, noting who served it. A cached answer that no longer validates (a changed
+        parser) fails the question rather than being guessed at."""
+        self._note_served_by(entry.get("endpoint_model"))
+        try:
+            return validate(_parse_json_answer(entry["answer"]))
+        except _Retryable as error:
+            raise JudgeFailed(f"AutoDQ judge: an answer cached under {self._answers.path if self._answers else '-'} "
+                              f"is unusable ({error}); delete that cache to ask again") from None
+
+    def _note_served_by(self, served_by: str | None) -> None:
+        if served_by is not None:
+            with self._lock:
+                self._served_by.add(served_by)
+
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         """Full jitter (clients that failed together do not retry together), at least what the server asked."""
-        jittered = self._rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+        with self._lock:
+            jittered = self._rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
         return max(jittered, retry_after_s or 0.0)
 
     def _headers(self, url: str) -> dict[str, str]:
@@ -231,7 +299,8 @@ class AutoDQJudge:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _post(self, url: str, prompt: str, give_up_at: float) -> str:
+    def _post(self, url: str, prompt: str, give_up_at: float) -> tuple[str, str | None]:
+        """(the answer's text, the model id the endpoint reported serving it with)."""
         body = json.dumps({"model": self.model, "temperature": self.temperature,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         for _ in range(_MAX_REDIRECTS + 1):
@@ -239,7 +308,7 @@ class AutoDQJudge:
             timeout = max(0.001, min(self.timeout_s, give_up_at - self._clock()))  # the deadline bounds a hung call
             try:
                 with _OPENER.open(request, timeout=timeout) as response:
-                    return _content(response.read(), url)
+                    return _completion(response.read(), url)
             except urllib.error.HTTPError as error:
                 if 300 <= error.code < 400:
                     url = self._redirect_target(url, error)
@@ -300,17 +369,28 @@ def _retry_after_s(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _content(raw: bytes, url: str) -> str:
-    """choices[0].message.content of a chat completion; anything else (non-JSON, `null` content) is malformed."""
+def _without_credentials(url: str) -> str:
+    """`url` without user:password@ and without a query (where some gateways take a key)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _completion(raw: bytes, url: str) -> tuple[str, str | None]:
+    """choices[0].message.content of a chat completion, with its "model" (the id the endpoint served it with);
+    anything else (non-JSON, `null` content) is malformed."""
     try:
-        content = json.loads(raw)["choices"][0]["message"]["content"]
+        completion = json.loads(raw)
+        content = completion["choices"][0]["message"]["content"]
     except json.JSONDecodeError as error:
         raise _Retryable(f"{url} answered non-JSON: {error}") from None
     except (KeyError, IndexError, TypeError):
         raise _Retryable(f"{url} answered without choices[0].message.content: {raw[:200]!r}") from None
     if not isinstance(content, str):
         raise _Retryable(f"{url} answered content {content!r:.100} instead of text")
-    return content
+    served_by = completion.get("model")
+    return content, served_by if isinstance(served_by, str) else None
 
 
 def _parse_json_answer(content: str) -> Any:

@@ -87,7 +87,7 @@ def ensure_toyworld(root: str | Path, spec: ToyWorldSpec) -> dict:
         return {"spec": dataclasses.asdict(spec), "train": write_split(staging, "train", spec.num_train_clips, spec),
                 "val": write_split(staging, "val", spec.num_val_clips, spec)}
 
-    return _cached(Path(root) / _spec_dirname(spec), generate)
+    return cached_folder(Path(root) / _spec_dirname(spec), generate)
 
 
 def ensure_derived(root: str | Path, spec: ToyWorldSpec, kind: DerivedKind, split: str = "train") -> list[str]:
@@ -106,10 +106,10 @@ def ensure_derived(root: str | Path, spec: ToyWorldSpec, kind: DerivedKind, spli
 
     suffix = kind if split == "train" else f"{split}-{kind}"  # train: the names of the first cached sets
     folder = Path(root) / f"{_spec_dirname(spec)}-{suffix}"
-    return [str(folder / name) for name in _cached(folder, generate)[kind]]
+    return [str(folder / name) for name in cached_folder(folder, generate)[kind]]
 
 
-def _cached(target: Path, generate: Callable[[Path], dict]) -> dict:
+def cached_folder(target: Path, generate: Callable[[Path], dict]) -> dict:
     """target/manifest.json, generating target's contents in a staging dir renamed into place (atomic:
     a concurrent or killed writer never leaves a half cache)."""
     manifest_path = target / "manifest.json"
