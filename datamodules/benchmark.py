@@ -22,7 +22,7 @@ from tarsier_train.data.skips import SkipBudget
 from tarsier_train.data.stream import EvalStream
 from tarsier_train.data.transform import VideoTextTransform
 from tarsier_train.data.video import VideoBackendName
-from tarsier_train.eval.benchmark_records import answer_prefill
+from tarsier_train.eval.benchmark_records import answer_prefill, with_blank_nulls
 from tarsier_train.eval.benchmarks import Benchmark, video_path
 from tarsier_train.eval.generation import with_prefill
 from tarsier_train.models.video_settings import VideoSettings
@@ -58,7 +58,7 @@ def benchmark_prompt(transform: VideoTextTransform, tokenizer: Any, key: str, re
                      raw: dict[str, Any]) -> dict[str, Any]:
     """The generation prompt of a benchmark record: its media decoded as the transform says, its question, and the
     answer's pre-fill (multiple choice: " Answer: (") after the assistant header."""
-    sample = canonical_sample(key, record)
+    sample = canonical_sample(key, with_blank_nulls(record))
     task_input = transform.prepare(sample, media_bytes(sample, with_video_member(record, raw)))
     prefill = tokenizer(answer_prefill(record), add_special_tokens=False)["input_ids"]
     return with_prefill(transform.generation_inputs(task_input), prefill)

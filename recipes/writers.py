@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # filtered out), which mark it done for a resumed run.
 SAMPLES, HANDLED = "samples", "handled"
 _SHARD = re.compile(r"rank(\d+)-(\d+)\.keys\.json$")
+FINGERPRINT = "fingerprint.json"  # beside the output: what it depends on (model, benchmark, generation settings)
 
 
 @dataclasses.dataclass
@@ -67,9 +68,11 @@ class ShardWriter(BasePredictionWriter):
         for split in self.splits:
             folder = self.output_dir / split
             folder.mkdir(parents=True, exist_ok=True)
+            identity = self._checked_fingerprint(trainer, pl_module, folder)  # every rank: all refuse together
             trainer.strategy.barrier()
             if trainer.is_global_zero:
-                self._check_fingerprint(trainer, pl_module, folder)
+                if identity:
+                    (folder / FINGERPRINT).write_text(json.dumps(identity, indent=2, sort_keys=True))
                 for path in folder.glob(f"*{self.suffix}*"):
                     if path.suffix != self.suffix or not path.with_suffix(".keys.json").is_file():
                         path.unlink()  # a partial shard, or one whose keys were never committed
@@ -80,19 +83,18 @@ class ShardWriter(BasePredictionWriter):
             log.info("resuming: %s inputs already handled", ", ".join(f"{s}: {len(d)}" for s, d in zip(self.splits, done)))
         trainer.datamodule.predict_done_keys = done
 
-    def _check_fingerprint(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+    def _checked_fingerprint(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path
+                             ) -> dict[str, Any]:
+        """What this run's output depends on; refused when the committed output in `folder` came from another."""
         identity = {name: owner.fingerprint() for name, owner in (("data", trainer.datamodule), ("recipe", pl_module))
                     if hasattr(owner, "fingerprint")}
-        if not identity:
-            return
         identity = json.loads(json.dumps(identity))  # as it reads back
-        path = folder / "fingerprint.json"
-        committed = any(folder.glob("*.keys.json"))
-        if committed and path.is_file() and json.loads(path.read_text()) != identity:
+        path = folder / FINGERPRINT
+        if identity and path.is_file() and any(folder.glob("*.keys.json")) and json.loads(path.read_text()) != identity:
             raise RuntimeError(
                 f"{folder} holds output of another model, benchmark or generation settings ({path}); continuing "
                 f"would mix the two. Choose another run_name, or remove {folder} to start over")
-        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
+        return identity
 
     def open_sink(self, path: str) -> Any:
         return wds.TarWriter(path)

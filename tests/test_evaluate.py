@@ -101,6 +101,9 @@ def evaluated(two_step_run, tmp_path_factory, cache_root):
 
     # 3. the server is gone: scoring again reads every answer from the cache
     facts["rescore_stdout"] = run_train(autodq, cwd=cwd, cache_root=cache_root).stdout
+    # 4. other generation settings into the same directory: refused before any answer is mixed in
+    facts["other_settings"] = run_train([*base, "objective.max_new_tokens=13"], cwd=cwd, cache_root=cache_root,
+                                        check=False)
     return facts
 
 
@@ -161,6 +164,13 @@ def test_killed_judging_continues_without_asking_twice_and_rescoring_is_byte_ide
     assert "OVERALL" in evaluated["rescore_stdout"]
 
 
+def test_a_run_directory_refuses_predictions_of_other_settings(evaluated):
+    refused = evaluated["other_settings"]
+    assert refused.returncode != 0
+    assert "holds output of another model, benchmark or generation settings" in refused.stderr + refused.stdout
+    assert len(_lines(evaluated["run_dir"] / "results" / "predictions.jsonl")) == NUM_CLIPS  # nothing was added
+
+
 def _toy_multiple_choice(folder: Path, cache_root: Path) -> list[str]:
     """Multiple-choice questions on the toy benchmark's clips in Tarsier2's released MC format (answer pre-filled
     " Answer: ("): the object's colour and shape, two subtasks; the command-line values that point MVBench at it."""
@@ -191,8 +201,9 @@ def test_every_family_evaluates_through_the_same_path(family, tmp_path, cache_ro
     """Descriptions scored by the exact judge; for Tarsier1, multiple choice (the pre-filled answer) instead."""
     benchmark = _toy_multiple_choice(tmp_path, cache_root) if family == "tarsier1" else \
         ["benchmark=toyworld_dream", "benchmark.num_clips=3"]
+    logger = [] if family == "qwen2_5_vl" else ["logger=csv"]  # the default, W&B offline, once
     result = run_train(["recipe=evaluate", *benchmark, f"model=tiny_{family}", "objective.max_new_tokens=4",
-                        "data.num_workers=0", "logger=csv"], cwd=tmp_path, cache_root=cache_root)
+                        "data.num_workers=0", *logger], cwd=tmp_path, cache_root=cache_root)
     name = "MVBench" if family == "tarsier1" else "toyworld_dream"
     out = tmp_path / "outputs" / f"evaluate-{name}"
     predictions = _lines(out / "results" / "predictions.jsonl")
@@ -200,6 +211,9 @@ def test_every_family_evaluates_through_the_same_path(family, tmp_path, cache_ro
     if family != "tarsier1":
         summary = json.loads((out / "results" / "exact" / "summary.json").read_text())
         assert summary["num_predicted"] == len(predictions) == 3
+        if family == "qwen2_5_vl":  # W&B: the examples table and the per-source chart's table
+            media = list((out / "wandb").glob("offline-run-*/files/media/table/eval/toyworld_dream/exact/*.json"))
+            assert sorted(path.name.split("_")[0] for path in media) == ["chart", "examples"]
         return
     summary = json.loads((out / "results" / "multiple_choice" / "summary.json").read_text())
     assert summary["num_predicted"] == len(predictions) == 6 and set(summary["per_subtask"]) == {"colour", "shape"}

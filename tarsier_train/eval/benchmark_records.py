@@ -57,6 +57,18 @@ def with_prediction(record: dict[str, Any], prediction: str) -> dict[str, Any]:
     return written
 
 
+def with_blank_nulls(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose null texts are empty strings: the released annotation files write `"text": null` on items with
+    no text (an unanswered answer item included), which a training record may not hold."""
+    written = copy.deepcopy(record)
+    for message in written.get("messages", []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for item in content if isinstance(content, list) else []:
+            if isinstance(item, dict) and item.get("type") == "text" and item.get("text") is None:
+                item["text"] = ""
+    return written
+
+
 def benchmark_of(record: dict[str, Any]) -> str:
     """BENCH of `dataset: BENCH/subtask` ("unknown" without a dataset)."""
     return str(record.get("dataset") or "unknown").split("/", 1)[0]
