@@ -27,6 +27,7 @@ from tarsier_train.eval.benchmarks import Benchmark, video_path
 from tarsier_train.eval.generation import with_prefill
 from tarsier_train.models.video_settings import VideoSettings
 
+
 class RecordStream(EvalStream):
     """EvalStream over a benchmark's (key, record) list instead of shards: each record's video is read from the
     benchmark's video directory in the loader worker that transforms it."""
@@ -46,10 +47,11 @@ class RecordStream(EvalStream):
 
 def with_video_member(record: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
     """A jsonl record's members: its one video file, found by `vid` (else by the file its video item names)."""
-    if "__video_dir__" not in raw:
-        return raw  # a shard sample carries its media
-    video = next((item["video"] for item in record["messages"][0]["content"]
-                  if isinstance(item, dict) and item.get("type") == "video"), {})
+    videos = [item["video"] for message in record["messages"] if isinstance(message.get("content"), list)
+              for item in message["content"] if isinstance(item, dict) and item.get("type") == "video"]
+    if "__video_dir__" not in raw or len(videos) != 1:
+        return raw  # a shard sample carries its media; a record without one video is the task's to refuse
+    video = videos[0] if isinstance(videos[0], dict) else {}
     path = video_path(raw["__video_dir__"], record.get("vid", video.get("video_file")))
     return {**raw, path.suffix[1:].lower(): path.read_bytes()}  # the member named by its extension, as in a shard
 
