@@ -16,14 +16,13 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import PreTrainedModel, ProcessorMixin
 
-from recipes.strategies import FSDP2Strategy
+from recipes.strategies import FSDP2Strategy, shard_under_fsdp
 from tarsier_train.checkpoint.rng import all_ranks_rng_states, restore_rank_rng_states
 from tarsier_train.config.types import NonNegativeFloat
 from tarsier_train.data.collate import NON_PAD_FRACTION_KEY
 from tarsier_train.data.skips import SKIP_REASONS_KEY, SKIPPED_KEY
 from tarsier_train.data.step_batches import STEP_TOTALS_KEY
 from tarsier_train.data.transform import TRUNCATED_KEY
-from tarsier_train.distributed.fsdp import shard_model
 from tarsier_train.models.controls import fp32_master_weights
 
 log = logging.getLogger(__name__)
@@ -120,9 +119,7 @@ class RecipeBase(L.LightningModule):
                         or isinstance(strategy, FSDP2Strategy) and strategy.mixed_precision == "bf16")
         cast = (functools.partial(fp32_master_weights, keep_frozen_dtype=bf16_compute)
                 if self.trainer.state.fn == TrainerFn.FITTING else None)
-        if isinstance(strategy, FSDP2Strategy):
-            shard_model(model, strategy.device_mesh["data_parallel"], strategy.mixed_precision, prepare_unit=cast)
-        elif cast is not None:
+        if not shard_under_fsdp(model, strategy, prepare_unit=cast) and cast is not None:
             cast(model)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from recipes.strategies import shard_under_fsdp
 from recipes.writers import HANDLED, SAMPLES
 from tarsier_train.config.types import NonNegativeFloat, PositiveFraction, PositiveInt
 from tarsier_train.data.skips import SKIP_REASONS_KEY
@@ -37,6 +38,9 @@ class BenchmarkPredictor(L.LightningModule):
         self.generation, self.seed = GenerationSettings(max_new_tokens, temperature, top_p), seed
         self.counts: Counter[str] = Counter(predicted=0)
         self.skipped: Counter[str] = Counter()
+
+    def configure_model(self) -> None:
+        shard_under_fsdp(self.model, self.trainer.strategy)  # trainer=fsdp: a model too large for one device
 
     def fingerprint(self) -> dict[str, Any]:
         return {"generation": dataclasses.asdict(self.generation), "seed": self.seed}

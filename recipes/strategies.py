@@ -15,7 +15,7 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from tarsier_train.config.types import PositiveFloat
-from tarsier_train.distributed.fsdp import MixedPrecision, deferred_gradient_sync
+from tarsier_train.distributed.fsdp import MixedPrecision, deferred_gradient_sync, shard_model
 from tarsier_train.distributed.stopping import CollectiveTimeoutError, SigtermStop, collective_failure
 
 PARTIAL_SUFFIX = ".partial"
@@ -99,3 +99,13 @@ class FSDP2Strategy(ModelParallelStrategy):
     def remove_checkpoint(self, filepath: str | Path) -> None:
         if self.is_global_zero:
             shutil.rmtree(filepath, ignore_errors=True)
+
+
+def shard_under_fsdp(model: Any, strategy: Any, prepare_unit: Any = None) -> bool:
+    """Under trainer=fsdp, shard the model (FSDP2 per ViT block, merger, decoder layer, then the root; `prepare_unit`
+    runs on each unit just before) and say so; under any other strategy leave it as it is. Every recipe's
+    `configure_model` calls this: Lightning's FSDP2 strategy refuses a module that does not shard itself."""
+    if not isinstance(strategy, FSDP2Strategy):
+        return False
+    shard_model(model, strategy.device_mesh["data_parallel"], strategy.mixed_precision, prepare_unit=prepare_unit)
+    return True

@@ -46,8 +46,13 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def greedy_texts(two_step_run, cache_root) -> list[str]:
+    """The trained export's greedy answers on the benchmark, computed here one clip at a time."""
+    return _greedy_reference(two_step_run[0] / "hf", cache_root)
+
+
 def _greedy_reference(model_dir: Path, cache_root: Path) -> list[str]:
-    """The export's greedy answers on the benchmark, computed here one clip at a time."""
     from datamodules.benchmark import benchmark_prompt
     from tarsier_train.eval.generation import GenerationSettings, generate_texts
     from tarsier_train.models import load_model, load_processor
@@ -107,15 +112,14 @@ def evaluated(two_step_run, tmp_path_factory, cache_root):
     return facts
 
 
-def test_killed_prediction_continues_to_the_uninterrupted_answers(evaluated, two_step_run, cache_root):
+def test_killed_prediction_continues_to_the_uninterrupted_answers(evaluated, greedy_texts):
     out = evaluated["run_dir"]
     predictions = _lines(out / "results" / "predictions.jsonl")
     assert 2 <= evaluated["committed_before_kill"] < NUM_CLIPS
     # the rerun answered only what was not committed, and the answers are what greedy decoding gives uninterrupted
     assert evaluated["exact_stats"]["predicted"] == NUM_CLIPS - evaluated["committed_before_kill"]
     assert [p["idx"] for p in predictions] == list(range(NUM_CLIPS))  # benchmark order, each record once
-    assert [p["messages"][-1]["content"][0]["text"] for p in predictions] == \
-        _greedy_reference(two_step_run[0] / "hf", cache_root)
+    assert [p["messages"][-1]["content"][0]["text"] for p in predictions] == greedy_texts
     for record in predictions:  # Tarsier2's format: the reference stays beside the prediction
         assert record["messages"][-1]["content"][0]["reference"].startswith("The ")
 
@@ -169,6 +173,20 @@ def test_a_run_directory_refuses_predictions_of_other_settings(evaluated):
     assert refused.returncode != 0
     assert "holds output of another model, benchmark or generation settings" in refused.stderr + refused.stdout
     assert len(_lines(evaluated["run_dir"] / "results" / "predictions.jsonl")) == NUM_CLIPS  # nothing was added
+
+
+def test_two_sharded_ranks_predict_what_one_process_does(two_step_run, greedy_texts, tmp_path, cache_root):
+    """trainer=fsdp on two CPU processes (gloo), 7 clips: 4 and 3 per rank, the short rank padded to stay in step
+    with the other's generate; the answers are the one-process greedy answers (the benchmark's first 7 clips)."""
+    seven = [arg for arg in EVAL if not arg.startswith("benchmark.num_clips")] + ["benchmark.num_clips=7"]
+    run_train([*seven, f"init_from={two_step_run[0]}", "trainer=fsdp",
+               "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy.mixed_precision=fp32"],
+              cwd=tmp_path, cache_root=cache_root)
+    out = tmp_path / "outputs" / "evaluate-toyworld_dream"
+    predictions = _lines(out / "results" / "predictions.jsonl")
+    assert [p["messages"][-1]["content"][0]["text"] for p in predictions] == greedy_texts[:7]
+    stats = [json.loads((out / f"predict_stats-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(s["predicted"] for s in stats) == [3, 4]
 
 
 def _toy_multiple_choice(folder: Path, cache_root: Path) -> list[str]:
