@@ -76,6 +76,26 @@ def test_bad_value_names_key_value_and_what_is_allowed(overrides, expected):
     assert expected in _problems(*overrides)
 
 
+def test_evaluate_values_are_checked_before_the_model_is_built():
+    """recipe=evaluate's own keys: the benchmark, its data, the generation, the judge and the scoring."""
+    with pytest.raises(ConfigError) as error:
+        validate_config(_compose([
+            "recipe=evaluate", "benchmark=toyworld_dream", "benchmark.num_clips=0", "data.num_frames=-2",
+            "data.batch_size=0", "objective.temperature=-1", "objective.top_p=1.5", "objective.max_new_tokens=0",
+            "callbacks.scoring.max_concurrency=0", "callbacks.predictions.commit_every_s=0",
+            "judge=autodq", "judge.base_url=http://127.0.0.1:1/v1", "judge.model=m", "judge.max_retries=-1"]))
+    message = str(error.value)
+    for expected in ("benchmark.num_clips=0: must be >= 1", "data.num_frames=-2: must be >= 1",
+                     "data.batch_size=0: must be >= 1", "objective.temperature=-1: must be >= 0",
+                     "objective.top_p=1.5", "objective.max_new_tokens=0: must be >= 1",
+                     "callbacks.scoring.max_concurrency=0: must be >= 1", "callbacks.predictions.commit_every_s=0",
+                     "judge.max_retries=-1: must be >= 0"):
+        assert expected in message, message
+    with pytest.raises(ConfigError, match=r"benchmark.scoring='accuracy'.*caption"):
+        validate_config(_compose(["recipe=evaluate", "benchmark=mvbench", "benchmark.annotations=/a.jsonl",
+                                  "benchmark.video_dir=/v", "benchmark.scoring=accuracy"]))
+
+
 def test_dpo_loss_settings_are_checked_before_the_model_is_built():
     cfg = _compose(["recipe=dpo", "experiment=toyworld_dpo", "objective.loss.beta=0", "objective.loss.loss_type=foo"])
     with pytest.raises(ConfigError) as error:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tarsier_train.config.types import PositiveInt
 from tarsier_train.data.video import encode_mp4
 from tarsier_train.eval.benchmarks import Benchmark
 from tarsier_train.toyworld.describe import DESCRIBE_PROMPT, describe, event_sentence
@@ -34,8 +35,8 @@ def dream_record(index: int, events: list, duration_s: float, source: str) -> di
     }
 
 
-def toyworld_benchmark(root: str, name: str = NAME, num_clips: int = 48, clip_frames: int = 16, frame_size: int = 112,
-                       max_events: int = 3, world_seed: int = 0) -> Benchmark:
+def toyworld_benchmark(root: str, name: str = NAME, num_clips: PositiveInt = 48, clip_frames: PositiveInt = 16,
+                       frame_size: PositiveInt = 112, max_events: PositiveInt = 3, world_seed: int = 0) -> Benchmark:
     """The benchmark under root (generated once, cached): annotations.jsonl + videos/clip_NNNNN.mp4."""
     spec = ToyWorldSpec(num_train_clips=0, num_val_clips=num_clips, num_frames=clip_frames, frame_size=frame_size,
                         max_events=max_events, seed=world_seed)
